@@ -10,7 +10,7 @@ ONLY ?=
 # the stamp changes whenever a pin changes, so `make` reinstalls exactly then
 STAMP := $(VENV)/.installed-$(shell cat requirements-lock.txt requirements-assets.txt settings.ini 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: help install reproduce test export clean check-export check-clean lab py bench-kernels gpu-wheels
+.PHONY: help install reproduce test export clean check-export check-clean lab py gpu-bundle
 
 help:
 	@echo "make reproduce   run every notebook through papermill into reports/ (CONFIG=smoke|full|auto, ONLY='00 40')"
@@ -63,3 +63,12 @@ py: install
 
 clean:
 	rm -rf build _proc _docs .pytest_cache
+
+# Fill .gpu/ (git-ignored) with what the GPU machine lacks: see tools/gpu/README.md
+gpu-bundle: install
+	mkdir -p .gpu/whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl -r tools/gpu/wheels.txt
+	split -n 3 -d "$$($(BIN)/python -c "from longctx_nb.models import embedded_gguf; print(embedded_gguf('smollm2-135m'))")" .gpu/gguf.part
+	$(BIN)/python -c "from longctx_nb.data import austen_novels, cache_dir; austen_novels()"
+	gzip -c "$$($(BIN)/python -c "from longctx_nb.data import cache_dir; print(cache_dir('corpora') / 'austen.json')")" > .gpu/austen.json.gz
