@@ -1,0 +1,165 @@
+"Tensorized attention: formulation proofs on the reference, and the Triton kernel vs the reference on CPU (interpreter, float32)."
+import math
+import pytest
+import torch
+import torch.nn.functional as F
+import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
+from longctx_nb import tensorized as T
+from longctx_nb.tensorized import (choose_factorization, tensorized_attention, tensorized_attention_ref, tensorized_attention_matrix,
+                                   normalize_shape)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(B, H, Hkv, L, D, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, L, D, generator=g, dtype=dtype).to(device) for h in (H, Hkv, Hkv)]
+
+
+# ---------------------------------------------------------------- factorization
+def test_choose_factorization():
+    assert choose_factorization(64, 3) == (4, 4, 4)
+    assert choose_factorization(1000, 3) == (10, 10, 10)
+    assert choose_factorization(8192) == (128, 64) and choose_factorization(131072, 3) == (64, 64, 32)
+    for L in [1, 2, 7, 97, 1000, 1023, 4099]:
+        for m in (1, 2, 3, 4):
+            s = choose_factorization(L, m)
+            assert len(s) == m and math.prod(s) >= L
+    assert all(n <= 512 for n in choose_factorization(1 << 20))
+    assert normalize_shape(1000, (16, 8, 8)) == (16, 8, 8) and normalize_shape(1000, 2) == choose_factorization(1000, 2)
+
+
+@pytest.mark.parametrize("bad,exc,match", [((0, 2), ValueError, "positive int"), ((10, 0), ValueError, "positive int")])
+def test_choose_factorization_errors(bad, exc, match):
+    with pytest.raises(exc, match=match): choose_factorization(*bad)
+
+
+# ---------------------------------------------------------------- (a) the dense matrix
+@pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", [(1, 1, 1, 64, 8, (4, 4, 4), True), (2, 4, 2, 50, 8, (4, 4, 4), True),
+                                                     (1, 2, 1, 27, 8, (3, 3, 3), False), (1, 1, 1, 30, 4, (5, 6), True)],
+                         ids=["4x4x4", "pad-GQA-4x4x4", "full-3x3x3", "5x6"])
+def test_output_is_dense_matrix_times_v(B, H, Hkv, L, D, shape, causal):
+    q, k, v = rand(B, H, Hkv, L, D, dtype=torch.float64)
+    A = tensorized_attention_matrix(q, k, shape, causal)
+    vp = F.pad(v.repeat_interleave(H // Hkv, 1), (0, 0, 0, math.prod(shape) - L))
+    torch.testing.assert_close(tensorized_attention_ref(q, k, v, shape, causal), (A @ vp)[:, :, :L], rtol=1e-12, atol=1e-12)
+    if causal:
+        assert (A.triu(1) == 0).all()
+        tri = [torch.ones(n, n, dtype=torch.float64).tril() for n in shape]
+        mask = tri[0]
+        for t in tri[1:]: mask = torch.kron(mask, t)
+        assert torch.equal(A[0, 0, :L, :L] != 0, mask.bool()[:L, :L])   # support = Kronecker product of the per-dimension masks
+
+
+def test_kronecker_special_case():
+    "q, k built from per-dimension parts: the dense matrix is exactly the Kronecker product of per-dimension attentions."
+    shape, d = (3, 4, 2), 4
+    g = torch.Generator().manual_seed(3)
+    qb = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in shape]
+    kb = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in shape]
+    idx = torch.stack(torch.unravel_index(torch.arange(math.prod(shape)), shape), -1)
+    q = torch.cat([qb[j][idx[:, j]] for j in range(3)], -1)[None, None]
+    k = torch.cat([kb[j][idx[:, j]] for j in range(3)], -1)[None, None]
+    A = tensorized_attention_matrix(q, k, shape, True, scale=0.3)[0, 0]
+    K = None
+    for j, n in enumerate(shape):
+        a = torch.softmax((qb[j] @ kb[j].T * 0.3).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")), -1)
+        K = a if K is None else torch.kron(K, a)
+    torch.testing.assert_close(A, K, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- (b) causality
+def _future_grad(fn, L=26, shape=(3, 3, 3), points=(0, 4, 9, 13, 20, 25)):
+    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, L, 16, seed=1))
+    o = fn(q, k, v, shape)
+    worst = 0.0
+    for p in points:
+        grads = torch.autograd.grad(o[:, :, p].sum(), (q, k, v), retain_graph=True)
+        assert grads[2][:, :, p].abs().sum() > 0        # the position itself does matter
+        worst = max(worst, max(g_[:, :, p + 1:].abs().max().item() if p + 1 < L else 0.0 for g_ in grads))
+    return worst
+
+
+def test_causality_reference_exact_zero():
+    assert _future_grad(lambda q, k, v, s: tensorized_attention_ref(q, k, v, s), points=range(26)) == 0.0
+
+
+def test_causality_kernel_exact_zero():
+    assert _future_grad(lambda q, k, v, s: tensorized_attention(q, k, v, s, backend="triton")) == 0.0
+
+
+# ---------------------------------------------------------------- (c) m = 1
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_dim_is_causal_attention(backend):
+    q, k, v = rand(2, 4, 2, 45, 16, seed=2)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(tensorized_attention(q, k, v, shape=1, backend=backend), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- kernel vs reference (interpreter on CPU)
+CASES = [  # B, H, Hkv, L, D, shape, causal
+    (1, 2, 1, 45, 16, (4, 4, 3), True),      # m=3, GQA, padding (48 > 45)
+    (2, 3, 3, 63, 32, (8, 8), True),         # m=2, odd L, pad 1
+    (1, 4, 2, 100, 24, (5, 5, 4), False),    # non-causal, non-power-of-two D, GQA
+    (1, 2, 2, 130, 16, (65, 2), True),       # long fibre: several query and key blocks per fibre
+    (1, 2, 1, 19, 16, (19,), True),          # m=1
+    (1, 2, 2, 40, 16, (2, 5, 2, 2), True),   # m=4
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", CASES,
+                         ids=[f"B{c[0]}-T{c[3]}-H{c[1]}/{c[2]}-D{c[4]}-{'x'.join(map(str, c[5]))}-{'causal' if c[6] else 'full'}-fp32" for c in CASES])
+def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal, monkeypatch):
+    monkeypatch.setattr(T, "POISON_OUTPUTS", True)       # every buffer the kernels must write starts as NaN
+    q, k, v = (t.requires_grad_() for t in rand(B, H, Hkv, L, D, seed=L, device=DEV))
+    do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(9)).to(DEV)
+    o = tensorized_attention(q, k, v, shape, causal, backend="triton")
+    gq, gk, gv = torch.autograd.grad(o, (q, k, v), do)
+    o_ref = tensorized_attention_ref(q, k, v, shape, causal)
+    rq, rk, rv = torch.autograd.grad(o_ref, (q, k, v), do)
+    for got, want in [(o, o_ref), (gq, rq), (gk, rk), (gv, rv)]:
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_inference_path_and_noncontiguous():
+    "Without grad the forward drops intermediates; inputs may be non-contiguous views ([B, L, H, D] transposed)."
+    B, H, L, D = 1, 2, 30, 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    with torch.no_grad(): o = tensorized_attention(q, k, v, (5, 6), backend="triton")
+    torch.testing.assert_close(o, tensorized_attention_ref(q, k, v, (5, 6)), rtol=1e-5, atol=1e-5)
+
+
+def test_default_shape_and_scale():
+    q, k, v = rand(1, 2, 2, 40, 16, seed=5)
+    torch.testing.assert_close(tensorized_attention(q, k, v, backend="triton", scale=0.1),
+                               tensorized_attention_ref(q, k, v, choose_factorization(40), scale=0.1), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _qkv(**kw):
+    d = dict(B=1, H=2, Hkv=2, L=8, D=4); d.update(kw)
+    return rand(d["B"], d["H"], d["Hkv"], d["L"], d["D"])
+
+
+@pytest.mark.parametrize("make,kw,exc,match", [
+    (lambda: _qkv(H=2, Hkv=3), {}, ValueError, "multiple of key/value heads"),
+    (lambda: _qkv(), dict(shape=(2, 3)), ValueError, "fewer than the sequence length"),
+    (lambda: _qkv(), dict(shape=(2, 0, 4)), ValueError, "positive ints"),
+    (lambda: _qkv(), dict(shape="abc"), ValueError, "positive ints|int"),
+    (lambda: [t[0] for t in _qkv()], {}, ValueError, "4-D"),
+    (lambda: [_qkv()[0], _qkv()[1].long(), _qkv()[2]], {}, TypeError, "floating"),
+    (lambda: [_qkv()[0], _qkv()[1].double(), _qkv()[2]], {}, TypeError, "share a dtype"),
+    (lambda: [_qkv()[0], _qkv(L=9)[1], _qkv()[2]], {}, ValueError, "same shape|must be"),
+    (lambda: _qkv(), dict(backend="flash"), ValueError, "backend must be one of"),
+], ids=["gqa-ratio", "shape-too-small", "zero-factor", "shape-string", "3d", "int-dtype", "mixed-dtype", "length-mismatch", "backend"])
+def test_bad_inputs(make, kw, exc, match):
+    with pytest.raises(exc, match=match): tensorized_attention(*make(), **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter dtype rule applies to CPU tensors only")
+def test_interpreter_rejects_low_precision():
+    q, k, v = (t.bfloat16() for t in _qkv())
+    with pytest.raises(TypeError, match="float32 only"): tensorized_attention(q, k, v, backend="triton")
+    assert tensorized_attention(q, k, v, backend="torch").dtype == torch.bfloat16   # the reference takes any float dtype
