@@ -129,3 +129,5 @@ d = { 'settings': { 'branch': 'main',
                                        'longctx_nb.tensorized.tensorized_cost': ( 'tensorized_attention.html#tensorized_cost',
                                                                                   'longctx_nb/tensorized.py'),
                                        'longctx_nb.tensorized.unfold': ('tensorized_attention.html#unfold', 'longctx_nb/tensorized.py')}}}
+                                       'longctx_nb.tensorized._precision': ( 'tensorized_attention.html#_precision',
+                                                                             'longctx_nb/tensorized.py'),
