@@ -118,7 +118,11 @@ def benchmark(fn: Callable[[], Any], warmup: int = 5, reps: int = 20, setup: Cal
 
 # %% ../nbs/00_core.ipynb #45674458
 def _git(*args) -> str | None:
-    try: return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent if "__file__" in globals() else None).stdout.strip() or None
+    "Output of a git command run beside this code, or None outside a git checkout (e.g. a copied tree without .git)."
+    try:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                           cwd=Path(__file__).resolve().parent if "__file__" in globals() else None)
+        return r.stdout.strip() or None if r.returncode == 0 else None
     except Exception: return None
 
 def library_versions(names: Iterable[str] = ("torch", "triton", "transformers", "accelerate", "torch_geometric", "numpy", "papermill")) -> dict:
