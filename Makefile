@@ -69,6 +69,7 @@ gpu-bundle: install
 	mkdir -p .gpu/whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl -r tools/gpu/wheels.txt
-	split -n 3 -d "$$($(BIN)/python -c "from longctx_nb.models import embedded_gguf; print(embedded_gguf('smollm2-135m'))")" .gpu/gguf.part
+	G="$$($(BIN)/python -c "from longctx_nb.models import embedded_gguf; print(embedded_gguf('smollm2-135m'))")"; \
+	  head -c 44000000 "$$G" > .gpu/gguf.part00; tail -c +44000001 "$$G" > .gpu/gguf.part01
 	$(BIN)/python -c "from longctx_nb.data import austen_novels, cache_dir; austen_novels()"
 	gzip -c "$$($(BIN)/python -c "from longctx_nb.data import cache_dir; print(cache_dir('corpora') / 'austen.json')")" > .gpu/austen.json.gz
