@@ -24,6 +24,9 @@ def test_ablations_and_per_seed(smoke_reports):
     a = pd.read_csv(d / "ablations.csv")
     assert a.method.tolist() == ["GraphLSS"] + [f"GraphLSS - {e}" for e in EDGE_TYPES]
     assert a.delta_rouge1_f.iloc[0] == 0 and np.isfinite(a[["rouge1_f", "rouge2_f", "rougeLsum_f"]].to_numpy()).all()
+    pr = pd.read_csv(d / "paired_differences.csv")
+    assert pr.comparison.tolist() == ["GraphLSS minus MLP (no graph)"] + [f"GraphLSS - {e} minus GraphLSS" for e in EDGE_TYPES]
+    assert (pr.seeds >= 2).all() and ((pr.seeds_where_positive >= 0) & (pr.seeds_where_positive <= pr.seeds)).all()
     s = pd.read_csv(d / "rouge_per_seed.csv")
     assert set(s.method) == {"Oracle", "Lead", "TextRank", "MLP (no graph)", "GraphLSS", *[f"GraphLSS - {e}" for e in EDGE_TYPES]}
 
