@@ -1,0 +1,205 @@
+"Tensorized models: per-dimension RoPE attention vs its dense matrix, the kernel path, tensorize() on a tiny Llama, decoding, bad inputs."
+import math
+import pytest
+import torch
+import torch.nn.functional as F
+import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
+import longctx_nb.tensorized as T
+from longctx_nb.models import repeat_kv, attention_modules, train_lm
+from longctx_nb.tensorized import tensorized_attention_ref
+from longctx_nb.tensorized_models import (TensorLayout, make_layout, tensorized_rope_attention, tensorized_rope_matrix, tensorize,
+                                          with_rope_scaling, TensorizedRotary, _rotate)
+
+
+def rope_table(n, D=8, theta=50.0, dtype=torch.float64):
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    f = torch.outer(torch.arange(n, dtype=torch.float64), inv); e = torch.cat([f, f], -1)
+    return e.cos().to(dtype), e.sin().to(dtype)
+
+
+def rand(B, H, Hkv, L, D, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, L, D, generator=g, dtype=dtype) for h in (H, Hkv, Hkv)]
+
+
+# ---------------------------------------------------------------- layout
+def test_layout_outer_dimension_grows_and_coordinates_are_length_free():
+    lay = make_layout(2, length=2048)
+    assert lay.shape == (64, 32) and lay.shape_for(2048) == (64, 32) and lay.shape_for(32768) == (1024, 32)
+    assert lay.shape_for(1000) == (32, 32) and lay.shape_for(5) == (1, 32)          # 1000 doesn't factor by 32: padded to 1024
+    p = torch.arange(3000)
+    c = lay.coords(p)
+    assert torch.equal(c[:, 0] * 32 + c[:, 1], p) and int(c[:, 1].max()) == 31
+    assert make_layout((4, 4, 3)).strides == (12, 3, 1) and make_layout(None, length=8192).shape == (128, 64)
+    assert make_layout(lay) is lay
+
+
+@pytest.mark.parametrize("args,exc,match", [(dict(shape=(8, 8), grow="none"), ValueError, "fewer than the sequence length"),
+                                            (dict(shape=(8, 0)), ValueError, "positive ints"),
+                                            (dict(shape=(8, 8), grow="sideways"), ValueError, "grow must be"),
+                                            (dict(shape="8x8"), TypeError, "shape must be None, an int")],
+                         ids=["product-too-small", "zero-factor", "bad-grow", "string-shape"])
+def test_layout_errors(args, exc, match):
+    with pytest.raises((exc, TypeError), match=match):
+        make_layout(args.get("shape"), grow=args.get("grow", "outer")).shape_for(100)
+
+
+# ---------------------------------------------------------------- the attention op
+@pytest.mark.parametrize("B,H,Hkv,L,D,shape", [(1, 1, 1, 27, 8, (3, 3, 3)), (2, 4, 2, 45, 8, (4, 4, 3)), (1, 3, 1, 30, 8, (5, 6)),
+                                               (1, 2, 2, 19, 8, (19,))], ids=["3x3x3", "pad-GQA-4x4x3", "5x6-GQA3", "m1-T19"])
+def test_hops_equal_dense_per_dimension_rope_matrix(B, H, Hkv, L, D, shape):
+    q, k, v = rand(B, H, Hkv, L, D)
+    o = tensorized_rope_attention(q, k, v, shape, rope_table, backend="torch")
+    A = tensorized_rope_matrix(q, k, shape, rope_table)
+    dense = (A @ F.pad(repeat_kv(v, H // Hkv), (0, 0, 0, math.prod(shape) - L)))[:, :, :L]
+    torch.testing.assert_close(o, dense, rtol=1e-12, atol=1e-12)
+    assert (A[0, 0].triu(1) == 0).all()
+
+
+def test_per_dimension_rope_sees_only_relative_distance_along_the_hop():
+    "Shifting every coordinate's RoPE phase by a constant leaves the output unchanged (scores depend on j_k - i_k only)."
+    q, k, v = rand(1, 2, 1, 24, 8)
+    a = tensorized_rope_attention(q, k, v, (4, 6), rope_table, backend="torch")
+    b = tensorized_rope_attention(q, k, v, (4, 6), lambda n: (rope_table(n + 5)[0][5:], rope_table(n + 5)[1][5:]), backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_no_rope_equals_the_fused_op_and_m1_equals_sdpa():
+    q, k, v = rand(2, 4, 2, 50, 8)
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 4, 4), None, backend="torch"),
+                               tensorized_attention_ref(q, k, v, (4, 4, 4)), rtol=1e-12, atol=1e-12)
+    cos, sin = rope_table(50)
+    ref = F.scaled_dot_product_attention(_rotate(q, cos, sin), repeat_kv(_rotate(k, cos, sin), 2), repeat_kv(v, 2), is_causal=True)
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (50,), rope_table, backend="torch"), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_causality_exact_zero_gradients():
+    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, 21, 8))
+    o = tensorized_rope_attention(q, k, v, (3, 7), rope_table, backend="torch")
+    for p in range(21):
+        gq, gk, gv = torch.autograd.grad(o[:, :, p].sum(), (q, k, v), retain_graph=True)
+        assert all((g[:, :, p + 1:] == 0).all() for g in (gq, gk, gv))
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,shape", [(1, 2, 1, 37, 16, (5, 8)), (2, 2, 2, 20, 16, (3, 3, 3))], ids=["GQA-5x8-T37", "B2-3x3x3-T20"])
+def test_triton_path_matches_reference_fwd_bwd(B, H, Hkv, L, D, shape):
+    "backend='triton' (interpreter on CPU, float32) vs backend='torch', forward and backward, kernel buffers poisoned with NaN."
+    q, k, v = (t.float() for t in rand(B, H, Hkv, L, D))
+    rope = lambda n: tuple(t.float() for t in rope_table(n, D=D))
+    do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for backend in ("triton", "torch"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        T.POISON_OUTPUTS = backend == "triton"
+        try:
+            o = tensorized_rope_attention(qq, kk, vv, shape, rope, backend=backend)
+            outs[backend] = (o, *torch.autograd.grad(o, (qq, kk, vv), do))
+        finally: T.POISON_OUTPUTS = False
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_op_bad_inputs():
+    q, k, v = rand(1, 2, 1, 20, 8)
+    with pytest.raises(ValueError, match="fewer than the sequence length"): tensorized_rope_attention(q, k, v, (4, 4), rope_table)
+    with pytest.raises(ValueError, match="H % H_kv"): tensorized_rope_attention(q, k[:, :, :10], v, (4, 5), rope_table)
+    with pytest.raises(ValueError, match="backend"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, backend="cuda")
+
+
+# ---------------------------------------------------------------- tensorize()
+def test_tensorize_one_dimension_is_the_original_model(tiny_llama):
+    ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_llama(ids).logits
+        tz = tensorize(tiny_llama, shape=1, length=33)
+        torch.testing.assert_close(tz(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        flat = tensorize(tiny_llama, shape=1, length=33, rope="flat")
+        torch.testing.assert_close(flat(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        # the original is untouched: same logits, no hook, sdpa, its own rotary module; the weights are equal
+        torch.testing.assert_close(tiny_llama(ids).logits, ref, rtol=0, atol=0)
+    assert tiny_llama.config._attn_implementation != "longctx" and getattr(tiny_llama, "tensorized", None) is None
+    assert all(getattr(m, "longctx_attention", None) is None for m in attention_modules(tiny_llama))
+    assert not isinstance(tiny_llama.model.rotary_emb, TensorizedRotary) and isinstance(tz.model.rotary_emb, TensorizedRotary)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_llama.state_dict().values(), tz.state_dict().values()))
+
+
+def test_tensorize_inplace_and_prefix_stability_with_padding(tiny_llama):
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(1))
+    tz = tensorize(tiny_llama, shape=(4, 8), inplace=True)
+    assert tz is tiny_llama and tz.tensorized.layout.shape_for(70) == (9, 8)      # 70 = 8 * 8.75: padded to 72
+    with torch.no_grad():
+        h70 = tz.model(ids, use_cache=False).last_hidden_state
+        h45 = tz.model(ids[:, :45], use_cache=False).last_hidden_state
+    torch.testing.assert_close(h70[:, :45], h45, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope,shape", [("tensorized", (4, 4)), ("tensorized", (2, 3, 4)), ("flat", (4, 4))], ids=["perdim-4x4", "perdim-2x3x4", "flat-4x4"])
+def test_incremental_decoding_equals_full_forward(tiny_llama, rope, shape):
+    tz = tensorize(tiny_llama, shape=shape, rope=rope)
+    prompt = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        gen = tz.generate(prompt, max_new_tokens=17, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        full = tz(gen.sequences[:, :-1]).logits[:, prompt.shape[1] - 1:]
+        nocache = tz.generate(prompt, max_new_tokens=17, do_sample=False, use_cache=False, pad_token_id=0)
+    torch.testing.assert_close(torch.stack(gen.scores, 1), full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences, nocache)
+
+
+def test_chunked_prefill_through_the_cache(tiny_llama):
+    "Two forwards through one DynamicCache (13 tokens, then 9 at once) equal one forward over all 22."
+    from transformers import DynamicCache
+    tz = tensorize(tiny_llama, shape=(3, 4))
+    ids = torch.randint(0, 128, (1, 22), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = tz(ids).logits
+        cache = DynamicCache(config=tz.config)
+        a = tz(ids[:, :13], past_key_values=cache, use_cache=True).logits
+        b = tz(ids[:, 13:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-4, atol=1e-4)
+    assert set(cache.tensorized_values) == {0, 1} and cache.tensorized_values[0][0].shape[2] == 22
+
+
+def test_tensorized_model_trains(tiny_llama):
+    tz = tensorize(tiny_llama, shape=(4, 4))
+    before = tz.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    batches = iter([torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    hist = train_lm(tz, batches, steps=3, lr=1e-3, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert not torch.equal(before, tz.model.layers[0].self_attn.q_proj.weight.detach())
+
+
+def test_tensorize_bad_inputs(tiny_llama):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with pytest.raises(TypeError, match="supported attention layout"): tensorize(GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)))
+    with pytest.raises(TypeError, match="supported attention layout"): tensorize(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="rope must be"): tensorize(tiny_llama, rope="alibi")
+    with pytest.raises(ValueError, match="backend must be"): tensorize(tiny_llama, backend="flash")
+    tz = tensorize(tiny_llama, shape=(4, 4))
+    with pytest.raises(ValueError, match="already tensorized"): tensorize(tz)
+    ids = torch.randint(0, 128, (2, 20))
+    with pytest.raises(ValueError, match="unpadded"):
+        tz(ids, attention_mask=torch.tensor([[1] * 20, [0] * 4 + [1] * 16]))
+    with pytest.raises(ValueError, match="position ids"):
+        tz(ids, position_ids=torch.arange(20).flip(0)[None])
+    fixed = tensorize(tiny_llama, shape=(4, 4), grow="none")
+    with pytest.raises(ValueError, match="fewer than the sequence length 20"): fixed(ids)
+
+
+def test_with_rope_scaling(tiny_llama):
+    pi = with_rope_scaling(tiny_llama, "linear", 4.0)
+    x = torch.zeros(1, 1)
+    torch.testing.assert_close(pi.model.rotary_emb(x, torch.tensor([[40]]))[0], tiny_llama.model.rotary_emb(x, torch.tensor([[10]]))[0])
+    yarn = with_rope_scaling(tiny_llama, "yarn", 4.0)
+    assert yarn.model.rotary_emb.attention_scaling > 1 and tiny_llama.config.rope_parameters["rope_type"] == "default"
+    with pytest.raises(ValueError, match="factor"): with_rope_scaling(tiny_llama, "linear", 0.5)
+    with pytest.raises(TypeError, match="untensorized"): with_rope_scaling(tensorize(tiny_llama, shape=(4, 4)), "linear", 2.0)
+
+
+def test_fibre_batches_split_under_the_grid_limit(monkeypatch):
+    "More fibres x heads than CUDA's grid-y limit: the hop runs in chunks and gives the same result."
+    import longctx_nb.tensorized_models as TM
+    q, k, v = rand(2, 2, 1, 48, 8)
+    whole = tensorized_rope_attention(q, k, v, (4, 3, 4), rope_table, backend="torch")
+    monkeypatch.setattr(TM, "_MAX_GRID_Y", 5)          # 2 rows of fibres per call
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 3, 4), rope_table, backend="torch"), whole, rtol=1e-12, atol=1e-12)
