@@ -170,3 +170,12 @@ def test_train_lm_freezes_what_it_should(tiny_llama):
     assert changed and all("q_proj" in n for n in changed)
     with pytest.raises(ValueError, match="matched nothing"):
         train_lm(tiny_llama, batches, steps=1, trainable=lambda n: False, progress=False)
+
+
+def test_sentence_encoder_and_spacy_load_offline():
+    from longctx_nb.models import load_sentence_encoder, load_spacy
+    emb = load_sentence_encoder("cpu").encode(["A cat sat on the mat.", "A cat was sitting on a mat.", "Stock prices fell."],
+                                              normalize_embeddings=True)
+    assert emb.shape == (3, 384) and emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
+    doc = load_spacy()("Transformers attend to every token. Long contexts make this quadratic.")
+    assert len(list(doc.sents)) == 2 and any(t.pos_ == "VERB" for t in doc)
