@@ -18,8 +18,8 @@ from .tensorized import choose_factorization, fold, unfold, hop_order, tensorize
 
 # %% auto #0
 __all__ = ['ROPE_MODES', 'TensorLayout', 'make_layout', 'tensorized_rope_attention', 'tensorized_rope_matrix', 'TensorizedRotary',
-           'TensorizeSpec', 'tensorized_attention_hook', 'tensorize', 'with_rope_scaling', 'perplexity_by_length',
-           'forward_ms']
+           'TensorizeSpec', 'tensorized_attention_hook', 'tensorize', 'with_rope_scaling', 'cast_keep_rope',
+           'perplexity_by_length', 'forward_ms']
 
 # %% ../nbs/11_tensorized_models.ipynb #bba5dd24
 @dataclass(frozen=True)
@@ -182,6 +182,18 @@ def _stash_cache(module, args, kwargs):
 def _drop_cache(module, args, output):
     module._tensorized_cache = None
 
+def _hop_store(cache) -> dict:
+    "The per-layer hop values kept on a transformers Cache; its reorder_cache (beam search) is wrapped to reorder them too."
+    if not hasattr(cache, "tensorized_values"):
+        cache.tensorized_values = {}
+        reorder = cache.reorder_cache
+        def reorder_cache(beam_idx, _reorder=reorder, _cache=cache):
+            _reorder(beam_idx)
+            for layer, vals in _cache.tensorized_values.items():
+                _cache.tensorized_values[layer] = [v.index_select(0, beam_idx.to(v.device)) for v in vals]
+        cache.reorder_cache = reorder_cache
+    return cache.tensorized_values
+
 def _check_mask_and_positions(mask, position_ids, Lq: int, S: int):
     "Tensorized attention is causal over one unpadded sequence per row: refuse masks and position ids that say otherwise."
     if mask is not None:
@@ -234,14 +246,13 @@ def tensorized_attention_hook(module, query, key, value, attention_mask, scaling
             out = tensorized_rope_attention(query, key, value, spec.layout.shape_for(S), rope, scale, spec.backend)
         else:
             out, values = tensorized_rope_attention(query, key, value, spec.layout.shape_for(S), rope, scale, spec.backend, return_values=True)
-            if not hasattr(cache, "tensorized_values"): cache.tensorized_values = {}
-            cache.tensorized_values[module.layer_idx] = [v.detach() for v in values]
+            _hop_store(cache)[module.layer_idx] = [v.detach() for v in values]
     else:
         if module.training: raise RuntimeError("tensorized attention does not train through a KV cache")
         stored = getattr(cache, "tensorized_values", {}).get(module.layer_idx) if cache is not None else None
         if stored is None or (stored and stored[0].shape[2] != past):
             raise RuntimeError(f"layer {module.layer_idx}: the cache holds {past} past tokens but no matching tensorized hop values; "
-                               "the prefix must be processed by this tensorized model (beam search and cache cropping are not supported)")
+                               "the prefix must be processed by this tensorized model (cache cropping is not supported)")
         outs = []
         for t in range(Lq):
             o, mine = _decode_token(query[:, :, t:t + 1], key, value, stored, past + t, spec.layout, rope, scale)
@@ -292,6 +303,13 @@ def with_rope_scaling(model: nn.Module, rope_type: str, factor: float, original_
     cfg.rope_parameters = params; cfg.max_position_embeddings = int(original * factor)
     out.model.rotary_emb = type(rot)(cfg).to(rot.inv_freq.device)
     return out
+
+def cast_keep_rope(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    "`model.to(dtype)` in place, except RoPE frequency buffers (`*inv_freq`), which stay float32 as transformers keeps them when loading in bf16."
+    saved = [(mod, name, buf) for mod in model.modules() for name, buf in mod.named_buffers(recurse=False) if name.endswith("inv_freq")]
+    model.to(dtype)
+    for mod, name, buf in saved: setattr(mod, name, buf)
+    return model
 
 # %% ../nbs/11_tensorized_models.ipynb #3e281866
 def perplexity_by_length(models: dict, windows: dict, tokens_per_batch: int = 32768, log=print) -> "pd.DataFrame":

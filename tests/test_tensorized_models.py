@@ -8,7 +8,7 @@ import longctx_nb.tensorized as T
 from longctx_nb.models import repeat_kv, attention_modules, train_lm
 from longctx_nb.tensorized import tensorized_attention_ref
 from longctx_nb.tensorized_models import (TensorLayout, make_layout, tensorized_rope_attention, tensorized_rope_matrix, tensorize,
-                                          with_rope_scaling, TensorizedRotary, _rotate)
+                                          with_rope_scaling, cast_keep_rope, TensorizedRotary, _rotate)
 
 
 def rope_table(n, D=8, theta=50.0, dtype=torch.float64):
@@ -203,3 +203,19 @@ def test_fibre_batches_split_under_the_grid_limit(monkeypatch):
     whole = tensorized_rope_attention(q, k, v, (4, 3, 4), rope_table, backend="torch")
     monkeypatch.setattr(TM, "_MAX_GRID_Y", 5)          # 2 rows of fibres per call
     torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 3, 4), rope_table, backend="torch"), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_cast_keep_rope(tiny_llama):
+    tz = tensorize(tiny_llama, shape=(4, 4))
+    cast_keep_rope(tz, torch.bfloat16)
+    assert tz.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16 and tz.model.rotary_emb.base.inv_freq.dtype == torch.float32
+
+
+def test_beam_search_with_cache_equals_without(tiny_llama):
+    "Beam search reorders the cache: the stored hop values follow, so cached and uncached beam search agree."
+    tz = tensorize(tiny_llama, shape=(3, 4))
+    prompt = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = tz.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+        b = tz.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
