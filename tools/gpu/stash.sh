@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy whatever part of .gpu/ this call carried into ~/stash (kept while the machine stays warm).
-set -euo pipefail
+set -uo pipefail
 mkdir -p ~/stash/whl
-[ -d .gpu/whl ] && cp -n .gpu/whl/*.whl ~/stash/whl/ 2>/dev/null || true
-for f in .gpu/gguf.part* .gpu/austen.json.gz; do [ -f "$f" ] && cp "$f" ~/stash/; done
+for d in .gpu/whl*; do if [ -d "$d" ]; then cp "$d"/*.whl ~/stash/whl/ || true; fi; done
+for f in .gpu/gguf.part* .gpu/austen.json.gz; do if [ -f "$f" ]; then cp "$f" ~/stash/; fi; done
 ls -la ~/stash; du -sh ~/stash
