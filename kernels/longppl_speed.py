@@ -73,7 +73,7 @@ def main(argv=None):
             t_ours, kt = timed(lambda: find_key_tokens(text, model, tok, st, window_batch=wb), a.reps)
             ours = set(kt.positions.tolist())
             rows.append(dict(base, impl="ours", window_batch=wb, seconds=t_ours, speedup=t_off / t_ours, key_tokens=len(ours),
-                             jaccard=len(ours & theirs) / max(1, len(ours | theirs))))
+                             jaccard=len(ours & theirs) / len(ours | theirs) if ours | theirs else 1.0))
         print(pd.DataFrame(rows).tail(1 + len(a.window_batches.split(","))).to_string(index=False), flush=True)
     # exact agreement in float32 (case 1)
     model32, _ = load_causal_lm("smollm2-135m", dtype=torch.float32)
