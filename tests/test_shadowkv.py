@@ -1,0 +1,382 @@
+"ShadowKV runtime: the gather-GEMM-RoPE kernel against its reference (Triton interpreter on CPU), the pieces, the Cache, bad inputs."
+import warnings
+import pytest
+import torch
+import longctx_nb.core  # noqa: F401  (before triton)
+from conftest import tiny_llama_config
+from longctx_nb.shadowkv import (
+    ShadowKVConfig, ShadowKVCache, BaselineKVCache, PrefillRecord, shadowkv_layout, low_rank_keys, svd_relative_error,
+    chunk_landmarks, landmark_scores, assign_slots, shadow_keys, shadow_keys_ref, rope_tables, rotate_half, valid_from_mask,
+    record_prefill, greedy_continue, RulerTasks, RULER_TASKS, score_answer, attend)
+
+# ---------------------------------------------------------------- kernel
+
+def _kernel_inputs(B, S_chunks, R, Hkv, D, C, n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = S_chunks * C
+    U = torch.randn(B, S, R, generator=g, dtype=dtype)
+    SV = torch.randn(B, Hkv, R, D, generator=g, dtype=dtype) / R ** 0.5
+    pos = torch.randint(0, 3 * S, (B, S), generator=g)
+    cos, sin = torch.randn(3 * S, D, generator=g), torch.randn(3 * S, D, generator=g)
+    ids = torch.stack([torch.randperm(S_chunks, generator=g)[:n] for _ in range(B * Hkv)]).view(B, Hkv, n)
+    return U, SV, cos, sin, pos, ids
+
+SHAPES = [(1, 4, 16, 1, 32, 8, 2), (2, 9, 23, 3, 64, 8, 5), (1, 7, 48, 2, 48, 5, 7), (3, 5, 17, 3, 64, 3, 4), (2, 3, 70, 2, 128, 8, 3)]
+ids_of = lambda s: "B{}-Sc{}-R{}-H{}-D{}-C{}-n{}".format(*s)
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[ids_of(s) + "-fp32" for s in SHAPES])
+def test_kernel_matches_reference(shape):
+    B, Sc, R, Hkv, D, C, n = shape
+    U, SV, cos, sin, pos, ids = _kernel_inputs(*shape)
+    ref = shadow_keys_ref(U, SV, cos, sin, pos, ids, C)
+    out = torch.full_like(ref, float("nan"))
+    shadow_keys(U, SV, cos, sin, pos, ids, C, out=out)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the reference itself against the plain formula for one row
+    b, h, i, j = B - 1, Hkv - 1, n - 1, C - 1
+    t = int(ids[b, h, i]) * C + j
+    k = U[b, t] @ SV[b, h]
+    p = int(pos[b, t])
+    torch.testing.assert_close(ref[b, h, i * C + j], k * cos[p] + rotate_half(k) * sin[p], rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=[ids_of(s) + "-slots-fp32" for s in SHAPES[1:4]])
+def test_kernel_slots_and_counts_leave_other_rows_alone(shape):
+    B, Sc, R, Hkv, D, C, n = shape
+    U, SV, cos, sin, pos, ids = _kernel_inputs(*shape, seed=1)
+    g = torch.Generator().manual_seed(2)
+    slots = torch.stack([torch.randperm(n, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, n)
+    counts = torch.randint(0, n + 1, (B, Hkv), generator=g)
+    a = torch.full((B, Hkv, n * C, D), float("nan")); b = a.clone()
+    shadow_keys_ref(U, SV, cos, sin, pos, ids, C, slots=slots, counts=counts, out=a)
+    shadow_keys(U, SV, cos, sin, pos, ids, C, slots=slots, counts=counts, out=b, block_t=32)
+    assert torch.equal(a.isnan(), b.isnan())
+    written = (~a.isnan()).any(-1).view(B, Hkv, n, C).any(-1).sum(-1)
+    assert torch.equal(written, counts)                                   # exactly the first counts[b, h] chunks were written
+    torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+def test_kernel_writes_into_a_strided_view():
+    U, SV, cos, sin, pos, ids = _kernel_inputs(2, 6, 20, 2, 32, 8, 3)
+    buf = torch.full((2, 2, 64, 32), float("nan"))
+    view = buf[:, :, 10:10 + 24]
+    shadow_keys(U, SV, cos, sin, pos, ids, 8, out=view)
+    torch.testing.assert_close(buf[:, :, 10:34], shadow_keys_ref(U, SV, cos, sin, pos, ids, 8), rtol=1e-5, atol=1e-5)
+    assert buf[:, :, :10].isnan().all() and buf[:, :, 34:].isnan().all()
+
+def test_kernel_bad_inputs():
+    U, SV, cos, sin, pos, ids = _kernel_inputs(1, 4, 16, 2, 32, 8, 2)
+    with pytest.raises(ValueError, match="disagree on batch or rank"):
+        shadow_keys(U, SV[:, :, :8], cos, sin, pos, ids, 8)
+    with pytest.raises(ValueError, match="head_dim"):
+        shadow_keys(U, SV, cos[:, :16], sin[:, :16], pos, ids, 8)
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        shadow_keys(U, SV, cos, sin, pos, ids, 5)
+    with pytest.raises(TypeError, match="float32"):
+        shadow_keys(U, SV, cos.double(), sin.double(), pos, ids, 8)
+    with pytest.raises(TypeError, match="int32/int64"):
+        shadow_keys(U, SV, cos, sin, pos, ids.float(), 8)
+    with pytest.raises(ValueError, match="slots need an `out`"):
+        shadow_keys(U, SV, cos, sin, pos, ids, 8, slots=ids)
+
+# ---------------------------------------------------------------- pieces
+
+def test_low_rank_keys_is_the_svd_and_exact_at_full_rank():
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(2, 50, 12, generator=g) @ torch.randn(12, 24, generator=g)      # rank 12 of width 24
+    U, SV, s = low_rank_keys(K, 24)
+    torch.testing.assert_close(U @ SV, K, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s[:, :12], torch.linalg.svdvals(K)[:, :12], rtol=1e-4, atol=1e-4)
+    U6, SV6, _ = low_rank_keys(K, 6)
+    err = (U6 @ SV6 - K).norm(dim=(1, 2)) / K.norm(dim=(1, 2))
+    torch.testing.assert_close(err, svd_relative_error(s, [6])[:, 0], rtol=1e-3, atol=1e-4)
+    assert torch.allclose(U6.transpose(1, 2) @ U6, torch.eye(6).expand(2, 6, 6), atol=1e-4)
+    e = svd_relative_error(s, range(0, 25, 4))
+    assert (e[:, 1:] <= e[:, :-1] + 1e-7).all() and torch.allclose(e[:, 0], torch.ones(2)) and (e[:, -1] < 1e-4).all()
+
+def test_low_rank_keys_ignores_padding():
+    K = torch.randn(1, 40, 16)
+    valid = torch.arange(40)[None] >= 8
+    U, SV, s = low_rank_keys(K, 16, valid)
+    U2, SV2, s2 = low_rank_keys(K[:, 8:], 16)
+    torch.testing.assert_close(s, s2, rtol=1e-5, atol=1e-5)
+    assert (U[:, :8] == 0).all()
+    torch.testing.assert_close((U @ SV)[:, 8:], K[:, 8:], rtol=1e-4, atol=1e-4)
+
+def test_chunk_landmarks_with_padding():
+    keys = torch.randn(1, 2, 24, 8)
+    valid = torch.arange(24)[None] >= 4                                          # first chunk half padded
+    lm, min_cos, cv = chunk_landmarks(keys, 8, valid)
+    torch.testing.assert_close(lm[0, :, 0], keys[0, :, 4:8].mean(1))
+    torch.testing.assert_close(lm[0, :, 1], keys[0, :, 8:16].mean(1))
+    assert cv.tolist() == [[True, True, True]]
+    lm_all, _, _ = chunk_landmarks(keys, 8, torch.arange(24)[None] >= 8)
+    _, mc, cv = chunk_landmarks(keys, 8, torch.arange(24)[None] >= 8)
+    assert cv.tolist() == [[False, True, True]] and torch.isinf(mc[0, :, 0]).all()
+
+def test_landmark_scores_max_over_group():
+    q, lm = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 5, 8)
+    s = landmark_scores(q, lm, 0.3)
+    naive = torch.stack([torch.stack([torch.stack([(q[b, h] @ lm[b, h // 3].T * 0.3).softmax(-1).sum(0) for h in range(6)]).view(2, 3, 5).amax(1)[k]
+                                      for k in range(2)]) for b in range(2)])
+    torch.testing.assert_close(s, naive)
+    s_masked = landmark_scores(q, lm, 0.3, torch.tensor([True, False, True, True, True]).expand(2, 2, 5))
+    assert (s_masked[..., 1] == 0).all()
+
+def test_assign_slots_keeps_hits_in_place():
+    g = torch.Generator().manual_seed(0)
+    held = torch.full((3, 2, 6), -1)
+    for step in range(8):
+        new = torch.stack([torch.randperm(10, generator=g)[:6] for _ in range(6)]).view(3, 2, 6)
+        miss, slots, n_miss, held2 = assign_slots(held, new)
+        for b in range(3):
+            for h in range(2):
+                old, nw = set(held[b, h].tolist()), set(new[b, h].tolist())
+                assert set(held2[b, h].tolist()) == nw and int(n_miss[b, h]) == len(nw - old)
+                for j in range(6):                                                 # a chunk selected again stays in its slot
+                    if int(held[b, h, j]) in nw: assert held2[b, h, j] == held[b, h, j]
+                assert set(miss[b, h, :n_miss[b, h]].tolist()) == nw - old
+        held = held2
+
+def test_config_and_layout_validation():
+    with pytest.raises(ValueError, match="fraction of the context"): ShadowKVConfig(budget=1.5)
+    with pytest.raises(ValueError, match="number of tokens"): ShadowKVConfig(budget=0)
+    with pytest.raises(TypeError, match="budget"): ShadowKVConfig(budget="2%")
+    with pytest.raises(ValueError, match="kernel"): ShadowKVConfig(kernel="cuda")
+    with pytest.raises(ValueError, match="rank"): ShadowKVConfig(rank=0)
+    lay = shadowkv_layout(131072, ShadowKVConfig(budget=2048))
+    assert (lay.selected_chunks, lay.outlier_chunks, lay.local_tokens) == (256, 48, 32)
+    lay = shadowkv_layout(1003, ShadowKVConfig(budget=1.0, chunk_size=8))            # remainder goes to the local window
+    assert lay.local_tokens == 1003 - lay.ctx_chunks * 8 and lay.over_budget and lay.selected_chunks == lay.landmark_chunks
+
+def test_valid_from_mask():
+    m = torch.ones(2, 1, 4, 6, dtype=torch.bool); m[1, :, :, :2] = False
+    assert valid_from_mask(m, 2, 6).tolist() == [[True] * 6, [False, False] + [True] * 4]
+    assert valid_from_mask(torch.ones(2, 1, 4, 6, dtype=torch.bool), 2, 6) is None
+    m[0, :, :, -1] = False
+    with pytest.raises(ValueError, match="left padding"): valid_from_mask(m, 2, 6)
+
+# ---------------------------------------------------------------- the Cache on a tiny model
+
+@pytest.fixture
+def tiny():
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2, max_position_embeddings=1024)).eval()
+    return m
+
+GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+def _ids(n, b=2, seed=0):
+    return torch.randint(1, 128, (b, n), generator=torch.Generator().manual_seed(seed))
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_generate_full_budget_full_rank_equals_full_attention(tiny, kernel):
+    ids = _ids(83)
+    with torch.no_grad():
+        ref = tiny.generate(ids, **GEN, output_logits=True, return_dict_in_generate=True)
+        with pytest.warns(UserWarning, match="every chunk is selected"):
+            with ShadowKVCache(tiny, budget=1.0, rank=32, min_prefill=16, kernel=kernel) as cache:
+                out = tiny.generate(ids, **GEN, past_key_values=cache, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    st = cache.stats()
+    assert 0 < st["hit_rate"] <= 1 and st["host_mb"] > 0
+
+def test_sparse_decode_attends_only_to_the_budget(tiny):
+    ids = _ids(160, b=1)
+    with torch.no_grad(), ShadowKVCache(tiny, budget=16, rank=8, min_prefill=16, outliers=1) as cache:
+        tiny.generate(ids, **GEN, past_key_values=cache)
+        layer = cache.layers[0]
+        lay = layer.layout
+        assert lay.selected_chunks == 2 and lay.outlier_chunks == 1
+        assert layer.buf.len == lay.local_tokens + lay.outlier_chunks * 8 + lay.selected_tokens + GEN["max_new_tokens"] - 1
+        assert layer.U.shape == (1, lay.ctx_chunks * 8, 8) and layer.v_host.device.type == "cpu"
+        assert cache.get_seq_length() == 160 + GEN["max_new_tokens"] - 1
+
+def test_short_prefill_falls_back_to_exact_and_says_so_once(tiny):
+    ids = _ids(40)
+    with torch.no_grad():
+        ref = tiny.generate(ids, **GEN)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with ShadowKVCache(tiny, rank=8, min_prefill=64) as cache: out = tiny.generate(ids, **GEN, past_key_values=cache)
+    msgs = [x for x in w if "min_prefill" in str(x.message)]
+    assert len(msgs) == 1 and torch.equal(out, ref)
+    assert all(l.state == "exact" for l in cache.layers)
+
+def test_rank_larger_than_key_width_is_an_error(tiny):
+    with pytest.raises(ValueError, match="exceeds the key width"):
+        ShadowKVCache(tiny, rank=33)                                             # 2 kv heads x 16
+
+def test_left_padded_batch_matches_rows_alone(tiny):
+    a, b = _ids(96, b=1, seed=1), _ids(80, b=1, seed=2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 16, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch); mask[1, :16] = 0
+    kw = dict(budget=16, rank=16, min_prefill=16, outliers=1)
+    with torch.no_grad():
+        with ShadowKVCache(tiny, **kw) as c: out = tiny.generate(batch, attention_mask=mask, **GEN, past_key_values=c)
+        alone = []
+        for x in (a, b):
+            with ShadowKVCache(tiny, **kw) as c: alone.append(tiny.generate(x, **GEN, past_key_values=c)[0, x.shape[1]:])
+    assert torch.equal(out[0, 96:], alone[0]) and torch.equal(out[1, 96:], alone[1])
+
+def test_right_padding_is_refused(tiny):
+    ids = _ids(64)
+    mask = torch.ones_like(ids); mask[1, -8:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        with torch.no_grad(), ShadowKVCache(tiny, rank=8, min_prefill=16) as c: tiny.generate(ids, attention_mask=mask, **GEN, past_key_values=c)
+
+def test_detach_and_garbage_collection_restore_the_model(tiny):
+    ids = _ids(50)
+    with torch.no_grad():
+        ref = tiny(ids).logits
+        cache = ShadowKVCache(tiny, rank=8, min_prefill=16)
+        assert tiny.config._attn_implementation == "longctx"
+        del cache                                                                 # hooks hold weak references only
+        torch.testing.assert_close(tiny(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        c = ShadowKVCache(tiny, rank=8, min_prefill=16); c.detach()
+        assert tiny.config._attn_implementation == "sdpa"
+        assert not any(m.k_proj._forward_hooks for m in (l.self_attn for l in tiny.model.layers))
+
+def test_a_second_cache_takes_over_and_an_unattached_one_says_so(tiny):
+    ids = _ids(50)
+    first = ShadowKVCache(tiny, rank=8, min_prefill=16)
+    second = ShadowKVCache(tiny, rank=8, min_prefill=16)
+    with torch.no_grad():
+        tiny.generate(ids, **GEN, past_key_values=second)
+        with pytest.raises(RuntimeError, match="attached"):
+            tiny.generate(ids, **GEN, past_key_values=first)
+    second.detach()
+
+def test_record_then_load_equals_online(tiny):
+    ids = _ids(120)
+    with torch.no_grad():
+        with ShadowKVCache(tiny, budget=24, rank=12, min_prefill=16) as c:
+            online = tiny.generate(ids, **GEN, past_key_values=c)[:, 120:]
+        logits, recs = record_prefill(tiny, ids)
+        with ShadowKVCache(tiny, budget=24, rank=12, min_prefill=16) as c:
+            c.load_prefill(recs)
+            offline = greedy_continue(tiny, c, logits.argmax(-1), GEN["max_new_tokens"])
+    assert torch.equal(online, offline)
+
+def test_driven_without_weights(tiny):
+    "Construct the cache state directly (no model): at full budget and rank a step equals exact attention over all keys."
+    cfg = tiny_llama_config()
+    B, Hkv, S, D, H = 2, cfg.num_key_value_heads, 64, cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads
+    cache = ShadowKVCache(model_config=cfg, budget=1.0, rank=Hkv * D, min_prefill=16, kernel="triton")
+    cos, sin = rope_tables(cache.rotary_emb, S, "cpu")
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for _ in range(cfg.num_hidden_layers):
+        k_pre = torch.randn(B, S, Hkv * D, generator=g)
+        kh = k_pre.view(B, S, Hkv, D).transpose(1, 2)
+        keys = kh * cos[None, None] + rotate_half(kh) * sin[None, None]
+        recs.append(PrefillRecord(keys=keys, values=torch.randn(B, Hkv, S, D, generator=g), positions=torch.arange(S).expand(B, S), k_pre=k_pre))
+    with pytest.warns(UserWarning, match="every chunk"): cache.load_prefill(recs)
+    q, k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    out = cache.step(0, q, k1, v1)
+    ref = attend(q, torch.cat([recs[0].keys, k1], 2), torch.cat([recs[0].values, v1], 2), D ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+# ---------------------------------------------------------------- baselines
+
+@pytest.mark.parametrize("method", ["streaming", "quest", "snapkv"])
+def test_baselines_with_room_for_everything_are_full_attention(tiny, method):
+    ids = _ids(70)
+    with torch.no_grad():
+        ref = tiny.generate(ids, **GEN)
+        with BaselineKVCache(tiny, method, budget_tokens=70) as c: out = tiny.generate(ids, **GEN, past_key_values=c)
+    assert torch.equal(out, ref)
+
+@pytest.mark.parametrize("method", ["streaming", "quest", "snapkv"])
+def test_baselines_at_a_small_budget(tiny, method):
+    ids = _ids(200, b=1)
+    with torch.no_grad(), BaselineKVCache(tiny, method, budget_tokens=48) as c:
+        out = tiny.generate(ids, **GEN, past_key_values=c)
+        kept = c.layers[0].buf.prefix
+    assert out.shape == (1, 200 + GEN["max_new_tokens"])
+    assert kept == (200 if method == "quest" else 48)
+
+def test_baseline_bad_inputs(tiny):
+    with pytest.raises(ValueError, match="method must be one of"): BaselineKVCache(tiny, "h2o", budget_tokens=64)
+    with pytest.raises(ValueError, match="needs budget_tokens"): BaselineKVCache(tiny, "quest", budget_tokens=8)
+
+def test_streaming_keeps_sinks_and_window(tiny):
+    ids = _ids(100, b=1)
+    with torch.no_grad():
+        _, recs = record_prefill(tiny, ids)
+        c = BaselineKVCache(tiny, "streaming", budget_tokens=20).load_prefill(recs)
+    torch.testing.assert_close(c.layers[1].buf.k[:, :, :20], torch.cat([recs[1].keys[:, :, :4], recs[1].keys[:, :, -16:]], 2))
+    c.detach()
+
+# ---------------------------------------------------------------- tasks
+
+@pytest.fixture(scope="module")
+def ruler():
+    from longctx_nb.models import load_tokenizer
+    return RulerTasks(load_tokenizer("smollm2-135m"), seed=0)
+
+@pytest.mark.parametrize("task", RULER_TASKS)
+def test_ruler_samples_have_exact_length_and_their_answers(ruler, task):
+    s = ruler.sample(task, 700, index=3)
+    assert len(s.input_ids) == 700 and s.max_new_tokens > 0 and s.answers
+    assert ruler.sample(task, 700, index=3).input_ids == s.input_ids                # deterministic
+    text = ruler.tok.decode(s.input_ids)
+    if task != "qa": assert all(a in text for a in s.answers)
+    assert 0 <= s.chance < 1
+
+def test_ruler_bad_inputs(ruler):
+    with pytest.raises(ValueError, match="unknown task"): ruler.sample("fwe", 1000)
+    with pytest.raises(ValueError, match="context tokens"): ruler.sample("niah_single", 100)
+
+def test_score_answer():
+    assert score_answer("The numbers: 1234567, and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert score_answer("Document 12", ["1"]) == 0.0 and score_answer("Document 1.", ["1"]) == 1.0
+    assert score_answer("ABCDE, FGHIJ", ["abcde", "xyzzy"]) == 0.5
+
+def _random_records(cfg, B, S, seed=0, rank=None):
+    "Records of a weightless prefill: random pre-RoPE keys (low rank when `rank`), their RoPE, random values."
+    g = torch.Generator().manual_seed(seed)
+    Hkv, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    cos, sin = rope_tables(LlamaRotaryEmbedding(cfg), S, "cpu")
+    recs = []
+    for _ in range(cfg.num_hidden_layers):
+        k_pre = torch.randn(B, S, rank or Hkv * D, generator=g) @ (torch.randn(rank, Hkv * D, generator=g) if rank else torch.eye(Hkv * D))
+        kh = k_pre.view(B, S, Hkv, D).transpose(1, 2)
+        recs.append(PrefillRecord(keys=kh * cos + rotate_half(kh) * sin, values=torch.randn(B, Hkv, S, D, generator=g),
+                                  positions=torch.arange(S).expand(B, S), k_pre=k_pre))
+    return recs
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_sparse_step_equals_attention_over_the_kept_tokens(kernel):
+    "Across steps (with cache hits), a decode step is exact attention over local + outliers + the selected chunks + new tokens."
+    cfg = tiny_llama_config()
+    B, S, C, Hkv, H = 2, 200, 8, cfg.num_key_value_heads, cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    recs = _random_records(cfg, B, S, rank=12)
+    cache = ShadowKVCache(model_config=cfg, budget=40, rank=12, outliers=2, min_prefill=16, kernel=kernel).load_prefill(recs)
+    layer, rec = cache.layers[1], recs[1]
+    lay = layer.layout
+    g = torch.Generator().manual_seed(5)
+    new_k, new_v = [], []
+    for step in range(4):
+        q = torch.randn(B, H, 1, D, generator=g)
+        k1, v1 = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+        new_k.append(k1); new_v.append(v1)
+        out = cache.step(1, q, k1, v1)
+        T = lay.ctx_chunks * C
+        for b in range(B):
+            for h in range(Hkv):
+                chunks = layer.slot_ids[b, h].tolist()
+                assert len(set(chunks)) == lay.selected_chunks
+                static_k = layer.buf.k[b, h, :layer.sel_start]                  # local window + outliers, exact
+                idx = torch.tensor([c * C + j for c in chunks for j in range(C)])
+                keys = torch.cat([static_k, rec.keys[b, h, idx], torch.cat(new_k, 2)[b, h]])
+                vals = torch.cat([layer.buf.v[b, h, :layer.sel_start], rec.values[b, h, idx], torch.cat(new_v, 2)[b, h]])
+                qh = q[b, h * (H // Hkv):(h + 1) * (H // Hkv), 0]
+                ref = ((qh @ keys.T) * D ** -0.5).softmax(-1) @ vals
+                torch.testing.assert_close(out[b, 0, h * (H // Hkv):(h + 1) * (H // Hkv)], ref, rtol=1e-4, atol=1e-4)
+                # the static part really is the local window and the recorded outlier chunks
+                torch.testing.assert_close(static_k[:lay.local_tokens], rec.keys[b, h, T:])
+    assert 0 < cache.stats()["hit_rate"] < 1
