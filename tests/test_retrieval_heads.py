@@ -10,9 +10,10 @@ from longctx_nb.data import Document
 from longctx_nb.models import attention_hook, eager_attention, load_tokenizer
 from longctx_nb.retrieval_heads import (
     HeadHook, Needle, Prompt, TASKS, VARIANTS, answer_loss, attention_only, attention_state, build_niah_prompt, citation_f1,
-    cosine, detect_retrieval_heads, encode_example, finetune_attention, generate_answers, greedy_decode, head_set_relations,
+    cosine, detect_retrieval_heads, encode_example, encode_examples, finetune_attention, generate_answers, greedy_decode, head_set_relations,
     insert_at_depth, last_query_argmax, load_attention_state, make_examples, pearson_r, random_heads, rank_heads,
-    retrieval_heads, rouge1_recall, sentence_pool, subsequence_span, task_batches, token_f1, token_span, top_heads)
+    retrieval_heads, rouge1_recall, sentence_pool, subsequence_span, task_batches, task_probe, token_f1, token_span, top_heads,
+    render_chat)
 from conftest import tiny_llama_config
 
 
@@ -272,6 +273,23 @@ def test_examples_fit_contain_needles_and_are_deterministic(tok, pools, task, va
         if variant.endswith("-low"): assert any("Nothing else of note" in s or "week" in s or "quiet" in s or "business" in s or "closed early" in s
                                                 for d in ex.documents for s in d) or task == "summhay"
         if variant.startswith("symbolic"): assert "->" in ex.user_text() or "Signal" in ex.user_text()
+
+
+def test_batched_encoding_equals_separate_tokenization_and_probes_find_the_answer(tok, pools):
+    exs = make_examples("musique", "real", 2, tok, 420, 4, pools, seed=2) + make_examples("mdqa", "realistic-low", 2, tok, 420, 4, pools, seed=2)
+    for ex, (prompt, full) in zip(exs, encode_examples(tok, exs)):
+        assert prompt == tok(render_chat(tok, ex.user_text()), add_special_tokens=False)["input_ids"]
+        assert full == tok(render_chat(tok, ex.user_text(), ex.answer), add_special_tokens=False)["input_ids"]
+        probe = task_probe(tok, ex)
+        assert probe.ids == prompt and tok.decode(probe.ids[probe.span[0]:probe.span[1]]).strip() == ex.answer
+    with pytest.raises(ValueError, match="document numbers"):
+        task_probe(tok, make_examples("summhay", "real", 1, tok, 420, 4, pools)[0])
+
+
+def test_low_diversity_examples_at_4k_do_not_exhaust_entities(tok, pools):
+    for task in TASKS:
+        ex = make_examples(task, "templated-low", 1, tok, 4096, 10, pools, seed=0)[0]
+        assert len(encode_example(tok, ex)[1]) <= 4096 and sum(len(d) for d in ex.documents) > 150
 
 
 def test_example_errors(tok, pools):
