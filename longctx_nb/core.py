@@ -122,7 +122,7 @@ def _git(*args) -> str | None:
     try:
         r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                            cwd=Path(__file__).resolve().parent if "__file__" in globals() else None)
-        return r.stdout.strip() or None if r.returncode == 0 else None
+        return r.stdout.strip() if r.returncode == 0 else None
     except Exception: return None
 
 def library_versions(names: Iterable[str] = ("torch", "triton", "transformers", "accelerate", "torch_geometric", "numpy", "papermill")) -> dict:
