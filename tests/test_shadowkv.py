@@ -380,3 +380,45 @@ def test_sparse_step_equals_attention_over_the_kept_tokens(kernel):
                 # the static part really is the local window and the recorded outlier chunks
                 torch.testing.assert_close(static_k[:lay.local_tokens], rec.keys[b, h, T:])
     assert 0 < cache.stats()["hit_rate"] < 1
+
+# ---------------------------------------------------------------- CUDA (run on the GPU machine: pytest tests/test_shadowkv.py -k cuda)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernel and the side-stream value fetch")
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[ids_of(s) for s in SHAPES])
+def test_cuda_kernel_matches_reference(shape, dtype):
+    B, Sc, R, Hkv, D, C, n = shape
+    U, SV, cos, sin, pos, ids = (t.cuda() for t in _kernel_inputs(*shape))
+    U, SV = U.to(dtype), SV.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    slots = torch.stack([torch.randperm(n, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, n).cuda()
+    counts = torch.randint(0, n + 1, (B, Hkv), generator=g).cuda()
+    a = torch.full((B, Hkv, n * C, D), float("nan"), device="cuda", dtype=dtype); b = a.clone()
+    shadow_keys_ref(U, SV, cos, sin, pos, ids, C, slots=slots, counts=counts, out=a)
+    shadow_keys(U, SV, cos, sin, pos, ids, C, slots=slots, counts=counts, out=b)
+    assert torch.equal(a.isnan(), b.isnan())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(b.float().nan_to_num(), a.float().nan_to_num(), **tol)
+
+@cuda
+def test_cuda_runtime_exact_and_side_stream_fetch(tiny):
+    m = tiny.cuda()
+    ids = _ids(200).cuda()
+    with torch.no_grad():
+        ref = m.generate(ids, **GEN, output_logits=True, return_dict_in_generate=True)
+        with pytest.warns(UserWarning, match="every chunk"):
+            with ShadowKVCache(m, budget=1.0, rank=32, min_prefill=16) as c:
+                exact = m.generate(ids, **GEN, past_key_values=c, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(exact.sequences, ref.sequences)
+        outs = {}
+        for name, kw in dict(pinned=dict(offload_values=True), device=dict(offload_values=False), torch_ref=dict(kernel="torch")).items():
+            with ShadowKVCache(m, budget=24, rank=16, min_prefill=16, outliers=1, **kw) as c:
+                outs[name] = m.generate(ids, **GEN, past_key_values=c, output_logits=True, return_dict_in_generate=True)
+                st = c.stats()
+                if name == "pinned":
+                    assert c.layers[0].v_host.is_pinned() and 0 < st["hit_rate"] < 1 and st["fetched_mb"] > 0
+    for name in ("device", "torch_ref"):
+        assert torch.equal(outs[name].sequences, outs["pinned"].sequences), name
+        for x, y in zip(outs[name].logits, outs["pinned"].logits): torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
