@@ -422,3 +422,20 @@ def test_cuda_runtime_exact_and_side_stream_fetch(tiny):
     for name in ("device", "torch_ref"):
         assert torch.equal(outs[name].sequences, outs["pinned"].sequences), name
         for x, y in zip(outs[name].logits, outs["pinned"].logits): torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+def test_a_dropped_cache_is_freed_at_once(tiny):
+    "No reference cycle: GPU buffers and pinned host memory go when the last reference does (evaluation builds dozens of caches)."
+    import gc, weakref
+    ids = _ids(100)
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for make in (lambda: ShadowKVCache(tiny, budget=16, rank=8, min_prefill=16), lambda: BaselineKVCache(tiny, "quest", budget_tokens=32)):
+                cache = make()
+                tiny.generate(ids, **GEN, past_key_values=cache)
+                cache.detach()
+                ref = weakref.ref(cache)
+                del cache
+                assert ref() is None
+    finally:
+        gc.enable()
