@@ -20,13 +20,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # %% auto #0
-__all__ = ['logger', 'PAPER_DEFAULTS', 'PAPER_OUTLIER_FRACTION', 'BASELINES', 'RULER_TASKS', 'ShadowKVConfig', 'ShadowKVLayout',
-           'shadowkv_layout', 'PrefillRecord', 'valid_from_mask', 'attend', 'TokenBuffer', 'HookedKVLayer',
-           'HookedKVCache', 'PrefillRecorder', 'positions_from_mask', 'record_prefill', 'greedy_continue',
-           'low_rank_keys', 'singular_values', 'svd_relative_error', 'chunk_landmarks', 'landmark_scores',
-           'assign_slots', 'rotate_half', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys', 'rope_tables',
-           'ShadowKVLayer', 'ShadowKVCache', 'BaselineKVLayer', 'BaselineKVCache', 'TaskSample', 'score_answer',
-           'RulerTasks', 'build_cache', 'evaluate_methods']
+__all__ = ['logger', 'PAPER_DEFAULTS', 'PAPER_OUTLIER_FRACTION', 'FP8_MAX', 'BASELINES', 'RULER_TASKS', 'ShadowKVConfig',
+           'ShadowKVLayout', 'shadowkv_layout', 'PrefillRecord', 'valid_from_mask', 'attend', 'TokenBuffer',
+           'HookedKVLayer', 'HookedKVCache', 'PrefillRecorder', 'positions_from_mask', 'record_prefill',
+           'greedy_continue', 'low_rank_keys', 'singular_values', 'svd_relative_error', 'chunk_landmarks',
+           'landmark_scores', 'assign_slots', 'rotate_half', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys',
+           'host_empty', 'quantize_chunks_fp8', 'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks',
+           'rope_tables', 'ShadowKVLayer', 'ShadowKVCache', 'BaselineKVLayer', 'BaselineKVCache', 'TaskSample',
+           'score_answer', 'RulerTasks', 'build_cache', 'evaluate_methods']
 
 # %% ../nbs/50_shadowkv.ipynb #f0589fd7
 logger = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class ShadowKVConfig:
     min_prefill: int = 4096                   # shorter prefills run exact attention (said once per cache)
     offload_values: bool = True               # values of the sparse region live in (pinned) CPU memory
     kernel: str = "auto"                      # "triton" | "torch" | "auto" (triton on CUDA, the PyTorch reference on CPU)
+    value_dtype: str = "auto"                 # "auto": the model's dtype; "fp8": float8_e4m3fn with one float32 scale per chunk and kv head
+    value_fetch: str = "auto"                 # CUDA + offloaded values: "uva" (a kernel reads pinned host memory), "staged" (CPU gather +
+                                              # copy), "auto" (uva, or staged with a warning where the kernel cannot read host memory)
+    reserve_tokens: int = 64                  # GPU rows reserved per layer for generated tokens (the buffer doubles when they run out)
 
     def __post_init__(self):
         b = self.budget
@@ -62,6 +67,9 @@ class ShadowKVConfig:
         if isinstance(o, int) and o < 0: raise ValueError(f"outliers must be >= 0, got {o}")
         if self.kernel not in ("auto", "triton", "torch"): raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', got {self.kernel!r}")
         if self.min_prefill < 1: raise ValueError(f"min_prefill must be >= 1, got {self.min_prefill}")
+        if self.value_dtype not in ("auto", "fp8"): raise ValueError(f"value_dtype must be 'auto' or 'fp8', got {self.value_dtype!r}")
+        if self.value_fetch not in ("auto", "uva", "staged"): raise ValueError(f"value_fetch must be 'auto', 'uva' or 'staged', got {self.value_fetch!r}")
+        if not isinstance(self.reserve_tokens, int) or self.reserve_tokens < 0: raise ValueError(f"reserve_tokens must be an int >= 0, got {self.reserve_tokens!r}")
 
 @dataclass(frozen=True)
 class ShadowKVLayout:
@@ -146,7 +154,7 @@ class TokenBuffer:
     def _grow(self, need: int):
         cap = self.k.shape[2]
         if need <= cap: return
-        new = max(need, 2 * cap)
+        new = max(need, cap + max(256, cap - self.prefix))   # grow the decode region geometrically, not the (long) prefix
         grow = lambda t, fill: torch.cat([t, t.new_full((*t.shape[:2], new - cap, *t.shape[3:]), fill)], 2)
         self.k, self.v = grow(self.k, 0), grow(self.v, 0)
         if self.valid is not None: self.valid = grow(self.valid, True)
@@ -157,8 +165,21 @@ class TokenBuffer:
         return self.k[:, :, :self.len], self.v[:, :, :self.len], None if self.valid is None else self.valid[:, :, :self.len]
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid) if t is not None)
+    def repeat_rows(self, repeats: int):
+        "Repeat every batch row `repeats` times in place (row i -> rows i*repeats .. i*repeats+repeats-1)."
+        self.k, self.v = _repeat_rows(self.k, repeats), _repeat_rows(self.v, repeats)
+        if self.valid is not None: self.valid = _repeat_rows(self.valid, repeats)
 
 def _nbytes(*ts) -> int: return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+def _repeat_rows(t, repeats: int):
+    "`t.repeat_interleave(repeats, 0)` for device tensors (None passes through); host tensors keep their (exact, pinned) storage kind."
+    if t is None or repeats == 1: return t
+    if t.device.type == "cpu":
+        out = host_empty((t.shape[0] * repeats, *t.shape[1:]), t.dtype, pin=t.is_pinned())
+        out.view(t.shape[0], repeats, *t.shape[1:]).copy_(t[:, None].expand(-1, repeats, *t.shape[1:]))
+        return out
+    return t.repeat_interleave(repeats, 0)
 
 # %% ../nbs/50_shadowkv.ipynb #22149fde
 class HookedKVLayer(CacheLayerMixin):
@@ -223,8 +244,15 @@ class HookedKVLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx): raise NotImplementedError(f"{type(self.owner).__name__} supports greedy/sampled decoding with num_beams=1 only")
     def crop(self, tokens_to_remove: int): raise NotImplementedError(f"{type(self.owner).__name__} cannot be cropped (no assisted decoding)")
     def batch_select_indices(self, indices): raise NotImplementedError(f"{type(self.owner).__name__} cannot drop batch rows")
+    batch_fields = ("keys", "values")        # batch-major tensors of a filled layer (subclasses add theirs)
     def batch_repeat_interleave(self, repeats: int):
-        if repeats != 1 and self.state != "empty": raise NotImplementedError(f"{type(self.owner).__name__} cannot repeat a filled cache (num_return_sequences=1 only)")
+        "Repeat every sequence `repeats` times (what generate() does for num_return_sequences); also on a filled layer."
+        if repeats < 1: raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if self.state == "prefill": raise RuntimeError(f"layer {self.layer_idx} is mid-prefill: repeat before or after, not during")
+        if self.state == "empty" or repeats == 1: return
+        for name in self.batch_fields:
+            if getattr(self, name, None) is not None: setattr(self, name, _repeat_rows(getattr(self, name), repeats))
+        if self.buf is not None: self.buf.repeat_rows(repeats)
     def gpu_bytes(self) -> int: return (self.buf.nbytes() if self.buf is not None else 0) + _nbytes(self.keys, self.values)
     def host_bytes(self) -> int: return 0
 
@@ -255,13 +283,13 @@ class HookedKVCache(Cache):
     needs_pre_rope = False
     query_window = 32
 
-    def __init__(self, model: nn.Module | None = None, *, model_config=None, min_prefill: int = 1):
+    def __init__(self, model: nn.Module | None = None, *, model_config=None, min_prefill: int = 1, reserve_tokens: int = 64):
         if model is None and model_config is None: raise TypeError("pass the model (or, without weights, model_config=)")
         cfg = model.config if model is not None else model_config
         self.model_config = cfg
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.min_prefill = min_prefill
+        self.min_prefill, self.reserve_tokens = min_prefill, reserve_tokens
         super().__init__(layers=[self.layer_class(self, i) for i in range(cfg.num_hidden_layers)])
         self._pre_rope, self._handles, self._model, self._warned = {}, [], None, set()
         if model is not None: self.attach(model)
@@ -632,6 +660,98 @@ def shadow_keys(U, SV, cos, sin, positions, chunk_ids, chunk_size: int, slots=No
     "The Triton gather + GEMM + RoPE kernel (see `ShadowKeys`); `shadow_keys_ref` is its PyTorch reference."
     return ShadowKeys.apply(U, SV, cos, sin, positions, chunk_ids, chunk_size, slots, counts, out, block_t)
 
+# %% ../nbs/50_shadowkv.ipynb #638c7d69
+FP8_MAX = 448.0   # the largest finite float8_e4m3fn
+
+def host_empty(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
+    """An uninitialized CPU tensor of exactly `shape`; page-locked when `pin` and CUDA is available. torch's pinned allocator rounds
+    blocks up to a power of two; here the bytes are allocated as they are and registered with cudaHostRegister (mapped, portable),
+    and the registration ends when the memory is freed (when the last tensor viewing it is gone)."""
+    shape = tuple(int(x) for x in shape)
+    if not pin or not torch.cuda.is_available(): return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0: return torch.empty(shape, dtype=dtype)
+    arr = np.empty(nbytes, dtype=np.uint8)
+    rt, ptr = torch.cuda.cudart(), arr.ctypes.data
+    torch.cuda.check_error(rt.cudaHostRegister(ptr, nbytes, 3))     # cudaHostRegisterPortable | cudaHostRegisterMapped
+    weakref.finalize(arr, rt.cudaHostUnregister, ptr)               # runs before numpy frees the bytes
+    return torch.from_numpy(arr).view(dtype).view(shape)            # the tensor keeps `arr` (and so the registration) alive
+
+def quantize_chunks_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Chunk rows v [..., C*D] -> (float8_e4m3fn [..., C*D], float32 scales [...]) with scale = max|v| / 448 per row."
+    vf = v.float()
+    scale = (vf.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (vf / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+def dequantize_chunks(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    "The inverse of `quantize_chunks_fp8` (a no-op cast when `scale` is None)."
+    return q.to(dtype) if scale is None else (q.float() * scale[..., None].float()).to(dtype)
+
+def _check_gather_args(src, scale, ids, slots, counts, out, chunk_size):
+    if src.ndim != 4: raise ValueError(f"src must be [B, Hkv, chunks, C*D], got {tuple(src.shape)}")
+    B, Hkv, N, row = src.shape
+    if out.ndim != 4 or out.shape[:2] != (B, Hkv) or out.shape[3] * chunk_size != row:
+        raise ValueError(f"out must be [B={B}, Hkv={Hkv}, slots*C, D] with C*D = {row}, got {tuple(out.shape)} and chunk_size {chunk_size}")
+    if ids.shape[:2] != (B, Hkv) or slots.shape != ids.shape: raise ValueError(f"ids and slots must be [B, Hkv, k], got {tuple(ids.shape)} and {tuple(slots.shape)}")
+    if counts.shape != (B, Hkv): raise ValueError(f"counts must be [B, Hkv] = {(B, Hkv)}, got {tuple(counts.shape)}")
+    if out.shape[2] < ids.shape[2] * chunk_size: raise ValueError(f"out holds {out.shape[2]} rows, {ids.shape[2]} slots of {chunk_size} need more")
+    if (src.dtype == torch.float8_e4m3fn) != (scale is not None): raise TypeError("fp8 values need their scales (and only fp8 values have scales)")
+    if scale is not None and scale.shape != (B, Hkv, N): raise ValueError(f"scales must be [B, Hkv, chunks] = {(B, Hkv, N)}, got {tuple(scale.shape)}")
+    return B, Hkv, N, row
+
+def gather_chunks_ref(src, scale, ids, slots, counts, out, chunk_size: int):
+    """PyTorch reference of the value fetch: for i < counts[b, h], chunk ids[b, h, i] of src [B, Hkv, chunks, C*D] (dequantized with
+    scale [B, Hkv, chunks] when fp8) goes to rows slots[b, h, i]*C .. +C of out [B, Hkv, slots*C, D]. Returns out."""
+    B, Hkv, N, row = _check_gather_args(src, scale, ids, slots, counts, out, chunk_size)
+    k, D = ids.shape[2], out.shape[3]
+    live = torch.arange(k, device=ids.device) < counts[..., None]
+    bi, hi, ii = live.nonzero(as_tuple=True)
+    cid = ids[bi, hi, ii]
+    dev = lambda t: t.to(src.device)
+    rows = src[dev(bi), dev(hi), dev(cid)]
+    sc = None if scale is None else scale[bi.to(scale.device), hi.to(scale.device), cid.to(scale.device)].to(out.device)
+    dst = out.unflatten(2, (out.shape[2] // chunk_size, chunk_size))
+    dst[bi, hi, slots[bi, hi, ii]] = dequantize_chunks(rows.to(out.device), sc, out.dtype).view(-1, chunk_size, D)
+    return out
+
+@triton.jit
+def _gather_chunks_fwd(SRC, SCALE, IDS, SLOTS, CNT, OUT, HKV, NCH, si_b, si_h, si_n, so_b, so_h,
+                       ROW: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # one program per (batch*kv head, listed chunk); programs past the miss count copy nothing. SRC may be page-locked host memory.
+    pid_bh = tl.program_id(0)
+    i = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = (pid_bh % HKV).to(tl.int64)
+    live = i < tl.load(CNT + pid_bh)
+    cid = tl.load(IDS + b * si_b + h * si_h + i * si_n).to(tl.int64)
+    slot = tl.load(SLOTS + b * si_b + h * si_h + i * si_n).to(tl.int64)
+    chunk = (b * HKV + h) * NCH + cid                  # int64: a 122k-token store of a batch passes 2^31 elements
+    src = SRC + chunk * ROW
+    dst = OUT + b * so_b + h * so_h + slot * ROW       # a slot's C rows of D are contiguous in the buffer
+    if HAS_SCALE:
+        sc = tl.load(SCALE + chunk)
+    for off in range(0, ROW, BLOCK):
+        e = off + tl.arange(0, BLOCK)
+        m = (e < ROW) & live
+        x = tl.load(src + e, mask=m, other=0.0)
+        if HAS_SCALE:
+            x = x.to(tl.float32) * sc
+        tl.store(dst + e, x.to(OUT.dtype.element_ty), mask=m)
+
+def gather_chunks(src, scale, ids, slots, counts, out, chunk_size: int):
+    "The Triton value fetch (see `gather_chunks_ref`); `src` may live in page-locked host memory (read over PCIe) or on the GPU."
+    B, Hkv, N, row = _check_gather_args(src, scale, ids, slots, counts, out, chunk_size)
+    if not src.is_contiguous(): raise ValueError("src must be contiguous")
+    if out.stride(3) != 1 or out.stride(2) != out.shape[3]: raise ValueError("out's rows must be contiguous (a slot's C rows of D in one run)")
+    k = ids.shape[2]
+    if k == 0 or B * Hkv == 0: return out
+    ids, slots = ids.contiguous(), slots.contiguous()
+    cnt = counts.to(torch.int32).contiguous()
+    _gather_chunks_fwd[(B * Hkv, k)](src, scale if scale is not None else cnt, ids, slots, cnt, out, Hkv, N,
+                                     ids.stride(0), ids.stride(1), ids.stride(2), out.stride(0), out.stride(1),
+                                     ROW=row, BLOCK=min(1024, triton.next_power_of_2(row)), HAS_SCALE=scale is not None)
+    return out
+
 # %% ../nbs/50_shadowkv.ipynb #35082d8c
 def rope_tables(rotary_emb: nn.Module, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     "cos/sin tables [n_positions, head_dim] in float32 from a transformers rotary-embedding module (any rope_type it implements)."
@@ -641,16 +761,19 @@ def rope_tables(rotary_emb: nn.Module, n_positions: int, device) -> tuple[torch.
 
 def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     if t.device.type == "cpu": return t.contiguous()
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+    host = host_empty(t.shape, t.dtype, pin=pin)
     host.copy_(t); return host
 
 class ShadowKVLayer(HookedKVLayer):
     "One layer of ShadowKV: low-rank pre-RoPE keys, offloaded values, landmarks, outliers, a local window, sparse decode."
 
+    batch_fields = ("keys", "values", "U", "SV", "landmarks", "landmark_chunk", "landmark_valid", "v_host", "v_scale",
+                    "positions", "valid_ctx", "slot_ids")
+
     def _clear(self):
         super()._clear()
         self.U = self.SV = self.landmarks = self.landmark_chunk = self.landmark_valid = None
-        self.v_host = self.positions = self.valid_ctx = self.slot_ids = self.layout = None
+        self.v_host = self.v_scale = self.positions = self.valid_ctx = self.slot_ids = self.layout = None
 
     def compress(self, rec: PrefillRecord):
         o, st = self.owner, self.owner.settings
@@ -692,10 +815,11 @@ class ShadowKVLayer(HookedKVLayer):
         if valid is not None:
             tok_valid = v_ctx.view(B, 1, lay.ctx_chunks, C).expand(B, Hkv, -1, -1).gather(2, out_ids[..., None].expand(-1, -1, -1, C)).flatten(2)
             static_valid = torch.cat([valid[:, None, T:].expand(B, Hkv, -1), tok_valid], 2)
-        self.buf = TokenBuffer(static_k, static_v, static_valid, reserve=lay.selected_tokens)
+        self.buf = TokenBuffer(static_k, static_v, static_valid, reserve=lay.selected_tokens, extra=o.reserve_tokens)
         self.sel_start = static_k.shape[2]
-        # 4. the values of the sparse region go to (pinned) CPU memory, chunk-major: [B, Hkv, chunks, C*D]
+        # 4. the values of the sparse region go to (pinned) CPU memory, chunk-major: [B, Hkv, chunks, C*D] (fp8: + scales on the GPU)
         v_sparse = values[:, :, :T].reshape(B, Hkv, lay.ctx_chunks, C * D)
+        if st.value_dtype == "fp8": v_sparse, self.v_scale = quantize_chunks_fp8(v_sparse)
         self.v_host = _to_host(v_sparse, pin=keys.device.type == "cuda") if st.offload_values else v_sparse.contiguous()
         self.positions = pos[:, :T].contiguous()
         self.valid_ctx = v_ctx
@@ -714,8 +838,12 @@ class ShadowKVLayer(HookedKVLayer):
         cuda = query.device.type == "cuda"
         if cuda:
             picked = torch.cuda.Event(); picked.record()
-        o.rebuild_keys(self.U, self.SV, self.positions, miss_ids, C, miss_slots, n_miss, sel_k)   # main stream
-        o.fetch_values(self.v_host, sel_v, miss_ids, miss_slots, n_miss, C, picked if cuda else None)  # side stream on CUDA
+        if o.use_uva(self.v_host):                    # one stream: the value kernel reads host memory while the key kernel computes
+            o.rebuild_keys(self.U, self.SV, self.positions, miss_ids, C, miss_slots, n_miss, sel_k)
+            o.fetch_values_uva(self.v_host, self.v_scale, sel_v, miss_ids, miss_slots, n_miss, C)
+        else:
+            o.rebuild_keys(self.U, self.SV, self.positions, miss_ids, C, miss_slots, n_miss, sel_k)   # main stream
+            o.fetch_values(self.v_host, sel_v, miss_ids, miss_slots, n_miss, C, picked if cuda else None, self.v_scale)  # side stream on CUDA
         if self.valid_ctx is not None:
             tok = (self.slot_ids[..., None] * C + torch.arange(C, device=query.device)).flatten(2)
             self.buf.valid[:, :, s0:s1] = self.valid_ctx[:, None].expand(-1, tok.shape[1], -1).gather(2, tok)
@@ -723,7 +851,8 @@ class ShadowKVLayer(HookedKVLayer):
 
     def gpu_bytes(self) -> int:
         return super().gpu_bytes() + _nbytes(self.U, self.SV, self.landmarks, self.landmark_chunk, self.landmark_valid,
-                                             self.positions, self.valid_ctx, self.slot_ids, None if self.owner.settings.offload_values else self.v_host)
+                                             self.positions, self.valid_ctx, self.slot_ids, self.v_scale,
+                                             None if self.owner.settings.offload_values else self.v_host)
     def host_bytes(self) -> int: return _nbytes(self.v_host) if self.owner.settings.offload_values else 0
 
 class ShadowKVCache(HookedKVCache):
@@ -746,9 +875,10 @@ class ShadowKVCache(HookedKVCache):
             rotary = LlamaRotaryEmbedding(cfg)
         self.rotary_emb = rotary
         self.cos = self.sin = None
-        self._rope_checked, self._copy_stream, self._staging = False, None, None
+        self._rope_checked, self._copy_stream, self._staging, self._uva = False, None, None, None
         self.hits = self.lookups = self.fetched_bytes = 0
-        super().__init__(model, model_config=model_config, min_prefill=self.settings.min_prefill)
+        self._misses, self._uva_lookups, self._row_bytes = None, 0, 0   # the zero-copy path's counters (misses stay on the device)
+        super().__init__(model, model_config=model_config, min_prefill=self.settings.min_prefill, reserve_tokens=self.settings.reserve_tokens)
         use_triton = self.settings.kernel == "triton" or (self.settings.kernel == "auto" and torch.cuda.is_available())
         self._rebuild = shadow_keys if use_triton else shadow_keys_ref
 
@@ -780,16 +910,40 @@ class ShadowKVCache(HookedKVCache):
     def rebuild_keys(self, U, SV, positions, chunk_ids, chunk_size, slots, counts, out):
         self._rebuild(U, SV, self.cos, self.sin, positions, chunk_ids, chunk_size, slots=slots, counts=counts, out=out)
 
-    def fetch_values(self, v_host, sel_v, miss_ids, miss_slots, n_miss, chunk_size, ready_event=None):
-        "Copy the missing chunks' values into their GPU slots; on CUDA on a side stream (the caller's stream waits at the end)."
+    def use_uva(self, v_host) -> bool:
+        "Whether this step's values come through the zero-copy kernel (CUDA, values in page-locked host memory, value_fetch allows it)."
+        if self._uva is None:
+            mode = self.settings.value_fetch
+            self._uva = (mode != "staged" and v_host.device.type == "cpu" and v_host.is_pinned() and torch.cuda.is_available())
+            if mode == "uva" and not self._uva: raise RuntimeError("value_fetch='uva' needs CUDA and values offloaded to page-locked host memory")
+        return self._uva
+
+    def fetch_values_uva(self, v_host, v_scale, sel_v, miss_ids, miss_slots, n_miss, chunk_size):
+        "The missing chunks' values, read from page-locked host memory by `gather_chunks` on the current stream; no host sync."
         B, Hkv, k = miss_ids.shape
+        try:
+            gather_chunks(v_host, v_scale, miss_ids, miss_slots, n_miss, sel_v, chunk_size)
+        except (ValueError, RuntimeError) as e:
+            if self.settings.value_fetch == "uva" or "Pointer argument" not in str(e): raise
+            self.warn_once("uva", f"the value kernel cannot read page-locked host memory here ({e}); using the staged copy (value_fetch='staged')")
+            self._uva = False
+            ready = torch.cuda.Event(); ready.record()
+            return self.fetch_values(v_host, sel_v, miss_ids, miss_slots, n_miss, chunk_size, ready, v_scale)
+        total = n_miss.sum()
+        self._misses = total if self._misses is None else self._misses + total
+        self._uva_lookups += B * Hkv * k
+        self._row_bytes = v_host.shape[-1] * v_host.element_size()
+
+    def fetch_values(self, v_host, sel_v, miss_ids, miss_slots, n_miss, chunk_size, ready_event=None, v_scale=None):
+        """Copy the missing chunks' values into their GPU slots (dequantizing fp8); on CUDA on a side stream: the selection is copied to
+        the host, the chunks are gathered on the CPU into a pinned staging buffer and copied up (the caller's stream waits at the end)."""
+        B, Hkv, k = miss_ids.shape
+        D = sel_v.shape[-1]
         dst = sel_v.unflatten(2, (k, chunk_size))                                    # [B, Hkv, k, C, D] view of the buffer
         if ready_event is None:                                                      # CPU (or values kept on the device)
-            live = torch.arange(k, device=miss_ids.device) < n_miss[..., None]
-            bi, hi, ii = live.nonzero(as_tuple=True)
-            src = v_host[bi.to(v_host.device), hi.to(v_host.device), miss_ids[bi, hi, ii].to(v_host.device)]
-            dst[bi, hi, miss_slots[bi, hi, ii]] = src.view(-1, chunk_size, dst.shape[-1]).to(dst.device)
-            self._count(n_miss, k, src)
+            gather_chunks_ref(v_host, v_scale, miss_ids, miss_slots, n_miss, sel_v, chunk_size)
+            self.hits += B * Hkv * k - int(n_miss.sum()); self.lookups += B * Hkv * k
+            self.fetched_bytes += int(n_miss.sum()) * v_host.shape[-1] * v_host.element_size()
             return
         main = torch.cuda.current_stream()
         if self._copy_stream is None: self._copy_stream = torch.cuda.Stream(device=sel_v.device)
@@ -805,34 +959,37 @@ class ShadowKVCache(HookedKVCache):
             m = bi.numel()
             if self.settings.offload_values and v_host.device.type == "cpu":
                 flat = v_host.view(-1, v_host.shape[-1])
+                flat = flat.view(torch.uint8) if flat.dtype == torch.float8_e4m3fn else flat    # index_select has no fp8 kernel on CPU
                 if self._staging is None or self._staging.shape[0] < m or self._staging.shape[1] != flat.shape[1] or self._staging.dtype != flat.dtype:
                     self._staging = torch.empty(max(m, B * Hkv * k), flat.shape[1], dtype=flat.dtype, pin_memory=True)
                 rows = (bi * Hkv + hi) * v_host.shape[2] + cid
                 torch.index_select(flat, 0, rows, out=self._staging[:m])
-                src = self._staging[:m].to(sel_v.device, non_blocking=True)
+                src = self._staging[:m].to(sel_v.device, non_blocking=True).view(v_host.dtype)
             else:
                 src = v_host[bi.to(v_host.device), hi.to(v_host.device), cid.to(v_host.device)]
             dev = lambda t: t.to(sel_v.device, non_blocking=True)
-            dst[dev(bi), dev(hi), dev(slot)] = src.view(m, chunk_size, dst.shape[-1])
+            bi_d, hi_d, cid_d = dev(bi), dev(hi), dev(cid)
+            sc = None if v_scale is None else v_scale[bi_d, hi_d, cid_d]
+            dst[bi_d, hi_d, dev(slot)] = dequantize_chunks(src, sc, sel_v.dtype).view(m, chunk_size, D)
         main.wait_stream(cs)
         self.hits += B * Hkv * k - int(cnt.sum()); self.lookups += B * Hkv * k
         self.fetched_bytes += m * v_host.shape[-1] * v_host.element_size()
 
-    def _count(self, n_miss, k, src):
-        B, Hkv = n_miss.shape
-        self.hits += B * Hkv * k - int(n_miss.sum()); self.lookups += B * Hkv * k
-        self.fetched_bytes += src.numel() * src.element_size()
-
     def stats(self) -> dict:
         "Cache-hit rate of the GPU chunk slots, bytes fetched from the CPU, and the GPU/host footprint."
-        return dict(hit_rate=self.hits / self.lookups if self.lookups else float("nan"), chunk_lookups=self.lookups,
-                    fetched_mb=self.fetched_bytes / 2**20, gpu_mb=self.gpu_bytes() / 2**20, host_mb=self.host_bytes() / 2**20)
+        hits, lookups, fetched = self.hits, self.lookups + self._uva_lookups, self.fetched_bytes
+        if self._misses is not None:                 # the zero-copy path counts on the device (one sync here, none per step)
+            misses = int(self._misses)
+            hits += self._uva_lookups - misses; fetched += misses * self._row_bytes
+        return dict(hit_rate=hits / lookups if lookups else float("nan"), chunk_lookups=lookups,
+                    fetched_mb=fetched / 2**20, gpu_mb=self.gpu_bytes() / 2**20, host_mb=self.host_bytes() / 2**20)
 
 # %% ../nbs/50_shadowkv.ipynb #3c5908fc
 BASELINES = ("full", "streaming", "quest", "snapkv")
 
 class BaselineKVLayer(HookedKVLayer):
     "Full attention and the three baselines at a token budget: StreamingLLM, a Quest-style page selector, SnapKV-style eviction."
+    batch_fields = ("keys", "values", "kmin", "kmax", "page_valid")
 
     def compress(self, rec: PrefillRecord):
         o = self.owner
@@ -842,7 +999,7 @@ class BaselineKVLayer(HookedKVLayer):
         vfull = None if valid is None else valid[:, None].expand(B, Hkv, S)
         self.pages = False
         if o.method == "full" or T >= S:
-            self.buf = TokenBuffer(keys, values, vfull)
+            self.buf = TokenBuffer(keys, values, vfull, extra=o.reserve_tokens)
         elif o.method == "streaming":                       # attention sinks (the first real tokens) + the most recent tokens
             first = torch.zeros(B, 1, dtype=torch.long, device=keys.device) if valid is None else valid.int().argmax(1, keepdim=True)
             idx = torch.cat([first + torch.arange(o.n_sink, device=keys.device), torch.arange(S - (T - o.n_sink), S, device=keys.device).expand(B, -1)], 1)
@@ -878,13 +1035,13 @@ class BaselineKVLayer(HookedKVLayer):
             self.kmin, self.kmax = self.kmin.to(keys.dtype), self.kmax.to(keys.dtype)
             self.n_select = max(1, min(n_pages, (T - self.tail) // P))
             self.prefill_len, self.pages = S, True
-            self.buf = TokenBuffer(keys, values, vfull)
+            self.buf = TokenBuffer(keys, values, vfull, extra=o.reserve_tokens)
         else:
             raise ValueError(f"unknown method {o.method!r}")
 
     def _keep(self, keys, values, valid, idx):
         g = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
-        self.buf = TokenBuffer(g(keys), g(values), None if valid is None else valid.gather(2, idx))
+        self.buf = TokenBuffer(g(keys), g(values), None if valid is None else valid.gather(2, idx), extra=self.owner.reserve_tokens)
 
     def decode_attention(self, query, scaling):
         k, v, valid = self.buf.view()
@@ -910,13 +1067,13 @@ class BaselineKVCache(HookedKVCache):
     needs_pre_rope = False
 
     def __init__(self, model: nn.Module | None = None, method: str = "full", budget_tokens: int | None = None, *, model_config=None,
-                 n_sink: int = 4, page_size: int = 16, window: int = 32, pool_kernel: int = 5, min_prefill: int = 1):
+                 n_sink: int = 4, page_size: int = 16, window: int = 32, pool_kernel: int = 5, min_prefill: int = 1, reserve_tokens: int = 64):
         if method not in BASELINES: raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
         if method != "full" and (budget_tokens is None or budget_tokens < max(n_sink + 1, page_size, 2)):
             raise ValueError(f"method {method!r} needs budget_tokens >= {max(n_sink + 1, page_size, 2)}, got {budget_tokens}")
         self.method, self.budget_tokens = method, budget_tokens or 0
         self.n_sink, self.page_size, self.pool_kernel, self.query_window = n_sink, page_size, pool_kernel, window
-        super().__init__(model, model_config=model_config, min_prefill=min_prefill)
+        super().__init__(model, model_config=model_config, min_prefill=min_prefill, reserve_tokens=reserve_tokens)
 
 # %% ../nbs/50_shadowkv.ipynb #fb3344c2
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "qa")

@@ -7,7 +7,8 @@ from conftest import tiny_llama_config
 from longctx_nb.shadowkv import (
     ShadowKVConfig, ShadowKVCache, BaselineKVCache, PrefillRecord, shadowkv_layout, low_rank_keys, svd_relative_error,
     chunk_landmarks, landmark_scores, assign_slots, shadow_keys, shadow_keys_ref, rope_tables, rotate_half, valid_from_mask,
-    record_prefill, greedy_continue, RulerTasks, RULER_TASKS, score_answer, attend)
+    record_prefill, greedy_continue, RulerTasks, RULER_TASKS, score_answer, attend, gather_chunks, gather_chunks_ref,
+    quantize_chunks_fp8, dequantize_chunks, host_empty, FP8_MAX)
 
 # ---------------------------------------------------------------- kernel
 
@@ -381,6 +382,129 @@ def test_sparse_step_equals_attention_over_the_kept_tokens(kernel):
                 torch.testing.assert_close(static_k[:lay.local_tokens], rec.keys[b, h, T:])
     assert 0 < cache.stats()["hit_rate"] < 1
 
+# ---------------------------------------------------------------- the value store: gather kernel, fp8, host memory, batch repeat
+
+def _gather_inputs(B, Hkv, N, C, D, k, seed=0, fp8=False):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, Hkv, N, C * D, generator=g) * torch.rand(B, Hkv, N, 1, generator=g) * 10
+    src, scale = quantize_chunks_fp8(v) if fp8 else (v, None)
+    ids = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * Hkv)]).view(B, Hkv, k)
+    slots = torch.stack([torch.randperm(k, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, k)
+    counts = torch.randint(0, k + 1, (B, Hkv), generator=g)
+    return v, src, scale, ids, slots, counts
+
+GSHAPES = [(1, 1, 5, 8, 32, 3), (2, 3, 17, 8, 64, 5), (3, 2, 9, 5, 48, 7), (2, 2, 4, 3, 16, 4)]
+gids = lambda s: "B{}-H{}-N{}-C{}-D{}-k{}".format(*s)
+
+@pytest.mark.parametrize("shape", GSHAPES, ids=[gids(s) + "-fp32" for s in GSHAPES])
+def test_gather_kernel_matches_reference_and_writes_only_the_misses(shape):
+    B, Hkv, N, C, D, k = shape
+    v, src, _, ids, slots, counts = _gather_inputs(*shape)
+    a = torch.full((B, Hkv, k * C, D), float("nan")); b = a.clone()
+    gather_chunks_ref(src, None, ids, slots, counts, a, C)
+    gather_chunks(src, None, ids, slots, counts, b, C)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    # the reference against the definition, entry by entry
+    for bb in range(B):
+        for h in range(Hkv):
+            for i in range(k):
+                rows = a[bb, h, int(slots[bb, h, i]) * C:(int(slots[bb, h, i]) + 1) * C]
+                if i < counts[bb, h]: assert torch.equal(rows, v[bb, h, int(ids[bb, h, i])].view(C, D))
+                else: assert rows.isnan().all()
+
+@pytest.mark.parametrize("shape", GSHAPES, ids=[gids(s) + "-fp8" for s in GSHAPES])
+def test_gather_kernel_dequantizes_fp8_like_the_reference(shape):
+    B, Hkv, N, C, D, k = shape
+    _, src, scale, ids, slots, counts = _gather_inputs(*shape, seed=4, fp8=True)
+    a = torch.full((B, Hkv, k * C, D), float("nan")); b = a.clone()
+    gather_chunks_ref(src, scale, ids, slots, counts, a, C)
+    gather_chunks(src, scale, ids, slots, counts, b, C)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+def test_gather_into_a_buffer_view_and_bad_inputs():
+    B, Hkv, N, C, D, k = 2, 2, 7, 4, 16, 3
+    _, src, _, ids, slots, counts = _gather_inputs(B, Hkv, N, C, D, k, seed=1)
+    buf = torch.full((B, Hkv, 40, D), float("nan"))
+    view = buf[:, :, 10:10 + k * C]                                      # the selected-chunk region of a TokenBuffer
+    gather_chunks(src, None, ids, slots, counts, view, C)
+    assert buf[:, :, :10].isnan().all() and buf[:, :, 10 + k * C:].isnan().all()
+    with pytest.raises(ValueError, match="C\\*D"): gather_chunks(src, None, ids, slots, counts, torch.empty(B, Hkv, k * C, D + 1), C)
+    with pytest.raises(ValueError, match="counts"): gather_chunks(src, None, ids, slots, counts[:1], view, C)
+    with pytest.raises(TypeError, match="scales"): gather_chunks(src, torch.ones(B, Hkv, N), ids, slots, counts, view, C)
+    with pytest.raises(ValueError, match="rows must be contiguous"): gather_chunks(src, None, ids, slots, counts, view.transpose(2, 3).contiguous().transpose(2, 3), C)
+
+def test_fp8_chunks_round_trip_and_reference_fetch():
+    v, src, scale, ids, slots, counts = _gather_inputs(2, 3, 11, 8, 32, 4, seed=2, fp8=True)
+    assert src.dtype == torch.float8_e4m3fn and scale.shape == v.shape[:3]
+    back = dequantize_chunks(src, scale, torch.float32)
+    assert ((back - v).abs() <= v.abs() * 2 ** -4 + scale[..., None] * 2 ** -9).all()      # e4m3: 3 mantissa bits (+ subnormals)
+    assert torch.allclose(src.float().abs().amax(-1), torch.full_like(scale, FP8_MAX))     # each chunk uses the full fp8 range
+    out = torch.full((2, 3, 4 * 8, 32), float("nan"))
+    gather_chunks_ref(src, scale, ids, slots, counts, out, 8)
+    b, h = 1, 2
+    if counts[b, h] > 0:
+        torch.testing.assert_close(out[b, h, int(slots[b, h, 0]) * 8:(int(slots[b, h, 0]) + 1) * 8], back[b, h, int(ids[b, h, 0])].view(8, 32))
+    zeros = torch.zeros(1, 1, 2, 16)                                       # an all-zero chunk: no division by zero
+    q, s = quantize_chunks_fp8(zeros)
+    assert torch.equal(dequantize_chunks(q, s, torch.float32), zeros)
+
+def test_host_empty_is_exact():
+    t = host_empty((3, 5, 7), torch.bfloat16)
+    assert t.shape == (3, 5, 7) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+    assert t.untyped_storage().nbytes() == 3 * 5 * 7 * 2
+    assert host_empty((0, 4), torch.float32).numel() == 0
+
+@pytest.mark.parametrize("value_dtype", ["auto", "fp8"])
+def test_fp8_values_decode_close_to_bf16(tiny, value_dtype):
+    "fp8 values change attention outputs by about the fp8 rounding; the full-budget cache then matches full attention closely."
+    ids = _ids(83)
+    with torch.no_grad():
+        ref = tiny(ids).logits[:, -1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ShadowKVCache(tiny, budget=1.0, rank=32, min_prefill=16, value_dtype=value_dtype) as cache:
+                tiny(ids[:, :-1], past_key_values=cache, use_cache=True)
+                out = tiny(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    err = ((out - ref).norm() / ref.norm()).item()
+    if value_dtype == "auto": assert err < 1e-5
+    else:
+        assert 1e-6 < err < 0.05 and cache.layers[0].v_host.dtype == torch.float8_e4m3fn
+        assert cache.host_bytes() * 2 == sum(l.v_host.numel() * 2 for l in cache.layers)     # half the bytes of bf16 (1 B per value)
+
+def test_new_settings_validation():
+    with pytest.raises(ValueError, match="value_dtype"): ShadowKVConfig(value_dtype="int4")
+    with pytest.raises(ValueError, match="value_fetch"): ShadowKVConfig(value_fetch="zero-copy")
+    with pytest.raises(ValueError, match="reserve_tokens"): ShadowKVConfig(reserve_tokens=-1)
+
+@pytest.mark.parametrize("method", ["shadowkv", "full", "quest"])
+def test_batch_repeat_of_a_filled_cache_decodes_like_the_original(method):
+    "Repeating a filled cache (one prefill shared by several sequences) gives every copy the original row's decode."
+    cfg = tiny_llama_config()
+    B, S, H, Hkv = 2, 160, cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    make = lambda: (ShadowKVCache(model_config=cfg, budget=32, rank=12, outliers=2, min_prefill=16, reserve_tokens=2) if method == "shadowkv"
+                    else BaselineKVCache(model_config=cfg, method=method, budget_tokens=48, reserve_tokens=2))
+    one, rep = make().load_prefill(_random_records(cfg, B, S, rank=12)), make().load_prefill(_random_records(cfg, B, S, rank=12))
+    rep.batch_repeat_interleave(3)
+    g = torch.Generator().manual_seed(7)
+    for step in range(4):                                              # past reserve_tokens=2: the buffers grow on the way
+        q, k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+        r = lambda t: t.repeat_interleave(3, 0)
+        for layer in range(cfg.num_hidden_layers):
+            a, b = one.step(layer, q, k1, v1), rep.step(layer, r(q), r(k1), r(v1))
+            torch.testing.assert_close(b, r(a), rtol=1e-5, atol=1e-5)
+    assert rep.get_seq_length() == one.get_seq_length() == S + 4
+    if method == "shadowkv":
+        assert rep.host_bytes() == 3 * one.host_bytes() and rep.stats()["hit_rate"] == pytest.approx(one.stats()["hit_rate"])
+    with pytest.raises(ValueError, match="repeats"): rep.layers[0].batch_repeat_interleave(0)
+
+def test_token_buffer_grows_the_decode_region_only():
+    from longctx_nb.shadowkv import TokenBuffer
+    buf = TokenBuffer(torch.zeros(1, 1, 1000, 4), torch.zeros(1, 1, 1000, 4), extra=8)
+    assert buf.k.shape[2] == 1008
+    for _ in range(9): buf.append(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    assert buf.len == 1009 and 1009 <= buf.k.shape[2] <= 1008 + 256 and buf.k[0, 0, 1000:1009].eq(1).all()
+
 # ---------------------------------------------------------------- CUDA (run on the GPU machine: pytest tests/test_shadowkv.py -k cuda)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernel and the side-stream value fetch")
@@ -413,13 +537,14 @@ def test_cuda_runtime_exact_and_side_stream_fetch(tiny):
                 exact = m.generate(ids, **GEN, past_key_values=c, output_logits=True, return_dict_in_generate=True)
         assert torch.equal(exact.sequences, ref.sequences)
         outs = {}
-        for name, kw in dict(pinned=dict(offload_values=True), device=dict(offload_values=False), torch_ref=dict(kernel="torch")).items():
+        for name, kw in dict(pinned=dict(offload_values=True, value_fetch="uva"), device=dict(offload_values=False), torch_ref=dict(kernel="torch"),
+                             staged=dict(value_fetch="staged")).items():
             with ShadowKVCache(m, budget=24, rank=16, min_prefill=16, outliers=1, **kw) as c:
                 outs[name] = m.generate(ids, **GEN, past_key_values=c, output_logits=True, return_dict_in_generate=True)
                 st = c.stats()
                 if name == "pinned":
                     assert c.layers[0].v_host.is_pinned() and 0 < st["hit_rate"] < 1 and st["fetched_mb"] > 0
-    for name in ("device", "torch_ref"):
+    for name in ("device", "torch_ref", "staged"):
         assert torch.equal(outs[name].sequences, outs["pinned"].sequences), name
         for x, y in zip(outs[name].logits, outs["pinned"].logits): torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
@@ -439,3 +564,30 @@ def test_a_dropped_cache_is_freed_at_once(tiny):
                 assert ref() is None
     finally:
         gc.enable()
+
+@cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("shape", GSHAPES, ids=[gids(s) for s in GSHAPES])
+def test_cuda_gather_reads_page_locked_host_memory(shape, fp8):
+    B, Hkv, N, C, D, k = shape
+    v, src, scale, ids, slots, counts = _gather_inputs(*shape, seed=3, fp8=fp8)
+    host = host_empty(src.shape, src.dtype if fp8 else torch.bfloat16)
+    host.copy_(src if fp8 else src.to(torch.bfloat16))
+    assert host.is_pinned() and host.untyped_storage().nbytes() == src.numel() * host.element_size()
+    a = torch.full((B, Hkv, k * C, D), float("nan"), device="cuda", dtype=torch.bfloat16); b = a.clone()
+    dev = lambda t: None if t is None else t.cuda()
+    gather_chunks_ref(host, dev(scale), dev(ids), dev(slots), dev(counts), a, C)
+    gather_chunks(host, dev(scale), dev(ids), dev(slots), dev(counts), b, C)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+@cuda
+def test_cuda_fp8_and_repeat_through_generate(tiny):
+    m = tiny.cuda()
+    ids = _ids(200).cuda()
+    with torch.no_grad():
+        outs = {}
+        for name, kw in dict(bf16=dict(), fp8=dict(value_dtype="fp8"), fp8_staged=dict(value_dtype="fp8", value_fetch="staged")).items():
+            with ShadowKVCache(m, budget=24, rank=16, min_prefill=16, outliers=1, **kw) as c:
+                outs[name] = m.generate(ids, **GEN, past_key_values=c, output_logits=True, return_dict_in_generate=True)
+        for x, y in zip(outs["fp8"].logits, outs["fp8_staged"].logits): torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        for x, y in zip(outs["fp8"].logits, outs["bf16"].logits): assert ((x - y).norm() / y.norm()) < 0.05
