@@ -176,9 +176,8 @@ def _repeat_rows(t, repeats: int):
     "`t.repeat_interleave(repeats, 0)` for device tensors (None passes through); host tensors keep their (exact, pinned) storage kind."
     if t is None or repeats == 1: return t
     if t.device.type == "cpu":
-        out = host_empty((t.shape[0] * repeats, *t.shape[1:]), t.dtype, pin=t.is_pinned())
-        out.view(t.shape[0], repeats, *t.shape[1:]).copy_(t[:, None].expand(-1, repeats, *t.shape[1:]))
-        return out
+        fill = lambda out: out.view(t.shape[0], repeats, *t.shape[1:]).copy_(t[:, None].expand(-1, repeats, *t.shape[1:]))
+        return host_empty((t.shape[0] * repeats, *t.shape[1:]), t.dtype, pin=t.is_pinned(), fill=fill)
     return t.repeat_interleave(repeats, 0)
 
 # %% ../nbs/50_shadowkv.ipynb #22149fde
@@ -663,19 +662,24 @@ def shadow_keys(U, SV, cos, sin, positions, chunk_ids, chunk_size: int, slots=No
 # %% ../nbs/50_shadowkv.ipynb #638c7d69
 FP8_MAX = 448.0   # the largest finite float8_e4m3fn
 
-def host_empty(shape, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
-    """An uninitialized CPU tensor of exactly `shape`; page-locked when `pin` and CUDA is available. torch's pinned allocator rounds
-    blocks up to a power of two; here the bytes are allocated as they are and registered with cudaHostRegister (mapped, portable),
-    and the registration ends when the memory is freed (when the last tensor viewing it is gone)."""
+def host_empty(shape, dtype: torch.dtype, pin: bool = True, fill=None) -> torch.Tensor:
+    """A CPU tensor of exactly `shape`, filled by `fill(t)` when given (before page-locking: touching the pages in parallel first
+    makes locking them cheap), and page-locked when `pin` and CUDA is available. torch's pinned allocator rounds blocks up to a
+    power of two; here the bytes are allocated as they are and registered with cudaHostRegister (mapped, portable); the
+    registration ends when the memory is freed (when the last tensor viewing it is gone)."""
     shape = tuple(int(x) for x in shape)
-    if not pin or not torch.cuda.is_available(): return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0: return torch.empty(shape, dtype=dtype)
+    if not pin or not torch.cuda.is_available() or nbytes == 0:
+        t = torch.empty(shape, dtype=dtype)
+        if fill is not None: fill(t)
+        return t
     arr = np.empty(nbytes, dtype=np.uint8)
+    t = torch.from_numpy(arr).view(dtype).view(shape)               # the tensor keeps `arr` (and so the registration) alive
+    if fill is not None: fill(t)
     rt, ptr = torch.cuda.cudart(), arr.ctypes.data
     torch.cuda.check_error(rt.cudaHostRegister(ptr, nbytes, 3))     # cudaHostRegisterPortable | cudaHostRegisterMapped
     weakref.finalize(arr, rt.cudaHostUnregister, ptr)               # runs before numpy frees the bytes
-    return torch.from_numpy(arr).view(dtype).view(shape)            # the tensor keeps `arr` (and so the registration) alive
+    return t
 
 def quantize_chunks_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "Chunk rows v [..., C*D] -> (float8_e4m3fn [..., C*D], float32 scales [...]) with scale = max|v| / 448 per row."
@@ -761,8 +765,7 @@ def rope_tables(rotary_emb: nn.Module, n_positions: int, device) -> tuple[torch.
 
 def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     if t.device.type == "cpu": return t.contiguous()
-    host = host_empty(t.shape, t.dtype, pin=pin)
-    host.copy_(t); return host
+    return host_empty(t.shape, t.dtype, pin=pin, fill=lambda h: h.copy_(t))
 
 class ShadowKVLayer(HookedKVLayer):
     "One layer of ShadowKV: low-rank pre-RoPE keys, offloaded values, landmarks, outliers, a local window, sparse decode."
