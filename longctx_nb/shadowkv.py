@@ -487,8 +487,8 @@ def chunk_landmarks(keys: torch.Tensor, chunk_size: int, valid: torch.Tensor | N
 def landmark_scores(query: torch.Tensor, landmarks: torch.Tensor, scaling: float, landmark_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Chunk scores for selection: softmax(q . landmarks^T * scaling) over the landmarks, per query head and position, summed over
     the positions and maxed over the GQA group. query [B, H, L, D], landmarks [B, Hkv, n, D] -> [B, Hkv, n] (float32).
-    On the GPU the products run in the landmarks' dtype (fp32 accumulation): casting 250 MB of landmarks per layer to float32
-    first made selection the slowest piece of a 122k decode step (kernel lab: 0.92 ms of 1.9 ms at batch 8)."""
+    On the GPU the products run in the landmarks' dtype (fp32 accumulation), without a float32 copy of the landmarks (kernel lab,
+    122k tokens, batch 8: 0.92 -> 0.85 ms; the time is in the scores and top-k over all landmarks, not in the cast)."""
     B, H, L, D = query.shape
     Hkv, n = landmarks.shape[1], landmarks.shape[2]
     if H % Hkv: raise ValueError(f"query heads {H} are not a multiple of kv heads {Hkv}")
