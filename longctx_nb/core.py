@@ -139,10 +139,12 @@ def library_versions(names: Iterable[str] = ("torch", "triton", "transformers", 
 def run_meta(preset: Preset | Mapping | None = None, wall_s: float | None = None, **extra) -> dict:
     "The `meta.json` of a run: git sha, device, library versions, preset, wall time, plus `extra`."
     import torch
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # a copy of the tree (the GPU machine) names its commit through LONGCTX_GIT_SHA; the variable wins, since such a copy may
+    # carry a stale .git, and then whether the tree was dirty is unknown here (None)
+    env_sha = os.environ.get("LONGCTX_GIT_SHA")
+    status = None if env_sha else _git("status", "--porcelain", "--untracked-files=no")
     return dict(
-        # a copy of the tree without .git (the GPU machine) names its commit through LONGCTX_GIT_SHA
-        git_sha=_git("rev-parse", "HEAD") or os.environ.get("LONGCTX_GIT_SHA"),
+        git_sha=env_sha or _git("rev-parse", "HEAD"),
         git_dirty=bool(status) if status is not None else None,
         device=device_name(), cuda=torch.version.cuda if torch.cuda.is_available() else None,
         host=socket.gethostname(), versions=library_versions(),
