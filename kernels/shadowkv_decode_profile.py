@@ -11,6 +11,7 @@ from longctx_nb.core import run_meta, save_report, Preset
 import pandas as pd
 import torch
 from torch.profiler import profile, ProfilerActivity
+from torch.autograd import DeviceType
 from longctx_nb.shadowkv import ShadowKVConfig
 from longctx_nb.shadowkv_throughput import llama_config, random_llama, synthetic_prefill, build_cache, decode_speed
 
@@ -30,7 +31,9 @@ def profile_steps(model, cache, batch, steps):
         wall = (time.perf_counter() - t) * 1e3 / steps
     ev = prof.key_averages()
     dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-    gpu_busy = sum(dev_time(e) for e in ev) / 1e3 / steps
+    # GPU busy time: the device events themselves (kernels, copies); CPU ops also carry their kernels' time, so summing every
+    # row would count it twice
+    gpu_busy = sum(dev_time(e) for e in ev if e.device_type != DeviceType.CPU) / 1e3 / steps
     rows = [dict(op=e.key, calls_per_step=e.count / steps, host_self_ms_per_step=e.self_cpu_time_total / 1e3 / steps,
                  gpu_ms_per_step=dev_time(e) / 1e3 / steps) for e in ev]
     ops = pd.DataFrame(rows)

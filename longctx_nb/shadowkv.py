@@ -487,17 +487,19 @@ def chunk_landmarks(keys: torch.Tensor, chunk_size: int, valid: torch.Tensor | N
 def landmark_scores(query: torch.Tensor, landmarks: torch.Tensor, scaling: float, landmark_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Chunk scores for selection: softmax(q . landmarks^T * scaling) over the landmarks, per query head and position, summed over
     the positions and maxed over the GQA group. query [B, H, L, D], landmarks [B, Hkv, n, D] -> [B, Hkv, n] (float32).
-    On the GPU the products run in the landmarks' dtype (fp32 accumulation), without a float32 copy of the landmarks (kernel lab,
-    122k tokens, batch 8: 0.92 -> 0.85 ms; the time is in the scores and top-k over all landmarks, not in the cast)."""
+    On the GPU the products run in the landmarks' dtype (fp32 accumulation), as landmarks [n, D] @ queries^T [D, G*L] per (batch,
+    kv head): a tall-skinny product. Written the other way round (queries @ landmarks^T, M = G*L = 4 rows), cuBLAS picked a batched
+    kernel that took 0.9 ms per layer at 122k tokens and batch 13, a fifth of the decode step (kernels/shadowkv_decode_profile)."""
     B, H, L, D = query.shape
     Hkv, n = landmarks.shape[1], landmarks.shape[2]
     if H % Hkv: raise ValueError(f"query heads {H} are not a multiple of kv heads {Hkv}")
-    q = query.reshape(B, Hkv, H // Hkv, L, D)
+    G = H // Hkv
+    q = query.reshape(B, Hkv, G * L, D)
     lm = landmarks
     if lm.device.type == "cpu" or q.dtype != lm.dtype: q, lm = q.float(), lm.float()
-    s = torch.einsum("bhgld,bhnd->bhgln", q, lm).float() * scaling
-    if landmark_valid is not None: s = s.masked_fill(~landmark_valid[:, :, None, None, :], float("-inf"))
-    return s.softmax(-1).sum(3).amax(2)
+    s = (lm @ q.transpose(-1, -2)).float().view(B, Hkv, n, G, L) * scaling          # [B, Hkv, n, G, L]
+    if landmark_valid is not None: s = s.masked_fill(~landmark_valid[:, :, :, None, None], float("-inf"))
+    return s.softmax(2).sum(4).amax(3)
 
 def assign_slots(cached_ids: torch.Tensor, new_ids: torch.Tensor):
     """Cache-hit reuse. `cached_ids` [..., k]: the chunk held by each GPU slot (-1 = empty); `new_ids` [..., k]: this step's
@@ -844,14 +846,19 @@ class ShadowKVLayer(HookedKVLayer):
         miss_ids, miss_slots, n_miss, self.slot_ids = assign_slots(self.slot_ids, self.select(query, scaling))
         sel_k, sel_v = self.buf.k[:, :, s0:s1], self.buf.v[:, :, s0:s1]
         cuda = query.device.type == "cuda"
-        if cuda:
-            picked = torch.cuda.Event(); picked.record()
-        if o.use_uva(self.v_host):                    # one stream: the value kernel reads host memory while the key kernel computes
+        if o.use_uva(self.v_host):
+            # the value kernel (PCIe-bound) runs on a side stream, overlapping the key kernel (HBM-bound) on the main stream;
+            # the main stream waits for it before attention, so tensors of this step are not reused while it reads them
+            main, side = torch.cuda.current_stream(), o.side_stream(query.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side): o.fetch_values_uva(self.v_host, self.v_scale, sel_v, miss_ids, miss_slots, n_miss, C)
             o.rebuild_keys(self.U, self.SV, self.positions, miss_ids, C, miss_slots, n_miss, sel_k)
-            o.fetch_values_uva(self.v_host, self.v_scale, sel_v, miss_ids, miss_slots, n_miss, C)
+            main.wait_stream(side)
         else:
+            picked = None
+            if cuda: picked = torch.cuda.Event(); picked.record()
             o.rebuild_keys(self.U, self.SV, self.positions, miss_ids, C, miss_slots, n_miss, sel_k)   # main stream
-            o.fetch_values(self.v_host, sel_v, miss_ids, miss_slots, n_miss, C, picked if cuda else None, self.v_scale)  # side stream on CUDA
+            o.fetch_values(self.v_host, sel_v, miss_ids, miss_slots, n_miss, C, picked, self.v_scale)  # side stream on CUDA
         if self.valid_ctx is not None:
             tok = (self.slot_ids[..., None] * C + torch.arange(C, device=query.device)).flatten(2)
             self.buf.valid[:, :, s0:s1] = self.valid_ctx[:, None].expand(-1, tok.shape[1], -1).gather(2, tok)
@@ -919,6 +926,11 @@ class ShadowKVCache(HookedKVCache):
         fn = self._rebuild if U.is_cuda or self.settings.kernel == "triton" else shadow_keys_ref   # "auto": the kernel where the tensors are
         fn(U, SV, self.cos, self.sin, positions, chunk_ids, chunk_size, slots=slots, counts=counts, out=out)
 
+    def side_stream(self, device) -> "torch.cuda.Stream":
+        "The stream value fetches run on (one per cache)."
+        if self._copy_stream is None: self._copy_stream = torch.cuda.Stream(device=device)
+        return self._copy_stream
+
     def use_uva(self, v_host) -> bool:
         "Whether this step's values come through the zero-copy kernel (CUDA, values in page-locked host memory, value_fetch allows it)."
         if self._uva is None:
@@ -955,8 +967,7 @@ class ShadowKVCache(HookedKVCache):
             self.fetched_bytes += int(n_miss.sum()) * v_host.shape[-1] * v_host.element_size()
             return
         main = torch.cuda.current_stream()
-        if self._copy_stream is None: self._copy_stream = torch.cuda.Stream(device=sel_v.device)
-        cs = self._copy_stream
+        cs = self.side_stream(sel_v.device)
         with torch.cuda.stream(cs):
             cs.wait_event(ready_event)
             idx = torch.stack([miss_ids, miss_slots]).to("cpu", non_blocking=True)
