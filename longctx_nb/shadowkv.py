@@ -51,7 +51,7 @@ class ShadowKVConfig:
     value_dtype: str = "auto"                 # "auto": the model's dtype; "fp8": float8_e4m3fn with one float32 scale per chunk and kv head
     value_fetch: str = "auto"                 # CUDA + offloaded values: "uva" (a kernel reads pinned host memory), "staged" (CPU gather +
                                               # copy), "auto" (uva, or staged with a warning where the kernel cannot read host memory)
-    reserve_tokens: int = 64                  # GPU rows reserved per layer for generated tokens (the buffer doubles when they run out)
+    reserve_tokens: int = 64                  # GPU rows reserved per layer for generated tokens (then the decode region grows geometrically)
 
     def __post_init__(self):
         b = self.budget
@@ -894,8 +894,6 @@ class ShadowKVCache(HookedKVCache):
         self.hits = self.lookups = self.fetched_bytes = 0
         self._misses, self._uva_lookups, self._row_bytes = None, 0, 0   # the zero-copy path's counters (misses stay on the device)
         super().__init__(model, model_config=model_config, min_prefill=self.settings.min_prefill, reserve_tokens=self.settings.reserve_tokens)
-        use_triton = self.settings.kernel == "triton" or (self.settings.kernel == "auto" and torch.cuda.is_available())
-        self._rebuild = shadow_keys if use_triton else shadow_keys_ref
 
     def check_layout(self, lay: ShadowKVLayout, width: int):
         if self.settings.rank > width: raise ValueError(f"rank {self.settings.rank} exceeds the key width {width}")
@@ -923,8 +921,9 @@ class ShadowKVCache(HookedKVCache):
         self._rope_checked = True
 
     def rebuild_keys(self, U, SV, positions, chunk_ids, chunk_size, slots, counts, out):
-        fn = self._rebuild if U.is_cuda or self.settings.kernel == "triton" else shadow_keys_ref   # "auto": the kernel where the tensors are
-        fn(U, SV, self.cos, self.sin, positions, chunk_ids, chunk_size, slots=slots, counts=counts, out=out)
+        kernel = self.settings.kernel
+        use_triton = kernel == "triton" or (kernel == "auto" and U.is_cuda)      # "auto": the compiled kernel where the tensors are on a GPU
+        (shadow_keys if use_triton else shadow_keys_ref)(U, SV, self.cos, self.sin, positions, chunk_ids, chunk_size, slots=slots, counts=counts, out=out)
 
     def side_stream(self, device) -> "torch.cuda.Stream":
         "The stream value fetches run on (one per cache)."
@@ -963,8 +962,9 @@ class ShadowKVCache(HookedKVCache):
         dst = sel_v.unflatten(2, (k, chunk_size))                                    # [B, Hkv, k, C, D] view of the buffer
         if ready_event is None:                                                      # CPU (or values kept on the device)
             gather_chunks_ref(v_host, v_scale, miss_ids, miss_slots, n_miss, sel_v, chunk_size)
-            self.hits += B * Hkv * k - int(n_miss.sum()); self.lookups += B * Hkv * k
-            self.fetched_bytes += int(n_miss.sum()) * v_host.shape[-1] * v_host.element_size()
+            misses = int(n_miss.sum())
+            self.hits += B * Hkv * k - misses; self.lookups += B * Hkv * k
+            self.fetched_bytes += misses * v_host.shape[-1] * v_host.element_size()
             return
         main = torch.cuda.current_stream()
         cs = self.side_stream(sel_v.device)
