@@ -12,10 +12,11 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 # %% auto #0
-__all__ = ['TRITON_INTERPRET', 'CONFIGS', 'PAPER_VS_OURS_COLUMNS', 'configure_triton_interpreter', 'Preset', 'resolve_config',
-           'choose_preset', 'seed_everything', 'default_device', 'device_name', 'Timer', 'benchmark',
-           'library_versions', 'run_meta', 'paper_vs_ours', 'save_report', 'find_repo_root', 'list_notebooks',
-           'run_notebook', 'build_reports_index', 'reproduce', 'reproduce_cli']
+__all__ = ['TRITON_INTERPRET', 'CONFIGS', 'TOLERANCES', 'PEAKS', 'PAPER_VS_OURS_COLUMNS', 'configure_triton_interpreter',
+           'Preset', 'resolve_config', 'choose_preset', 'seed_everything', 'default_device', 'device_name', 'Timer',
+           'benchmark', 'nan_poison', 'assert_close', 'DevicePeaks', 'device_peaks', 'library_versions', 'run_meta',
+           'paper_vs_ours', 'save_report', 'find_repo_root', 'list_notebooks', 'run_notebook', 'build_reports_index',
+           'reproduce', 'reproduce_cli']
 
 # %% ../nbs/00_core.ipynb #f1fed22c
 def _cuda_available() -> bool:
@@ -24,10 +25,26 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError: return False
 
+def _fix_interpreter_scalars() -> bool:
+    "Make the Triton interpreter's scalar -> int conversion work under NumPy >= 2.4 (idempotent). Returns whether the fix is in place."
+    try: from triton.runtime import interpreter as _interp
+    except ImportError: return False
+    if getattr(_interp._patch_lang_tensor, "_longctx_fixed", False): return True
+    original = _interp._patch_lang_tensor
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    _patch_lang_tensor._longctx_fixed = True
+    _interp._patch_lang_tensor = _patch_lang_tensor
+    return True
+
 def configure_triton_interpreter() -> bool:
-    "On a machine without CUDA, set `TRITON_INTERPRET=1` before triton is first imported. Returns whether interpreter mode is on."
+    """Without CUDA, set `TRITON_INTERPRET=1` before triton is first imported; in interpreter mode, fix its scalar -> int conversion.
+    Returns whether interpreter mode is on. Idempotent: every module that runs Triton kernels may call it."""
     if not _cuda_available() and 'triton' not in sys.modules: os.environ.setdefault('TRITON_INTERPRET', '1')
-    return os.environ.get('TRITON_INTERPRET') == '1'
+    on = os.environ.get('TRITON_INTERPRET') == '1'
+    if on: _fix_interpreter_scalars()
+    return on
 
 TRITON_INTERPRET = configure_triton_interpreter()
 
@@ -115,6 +132,110 @@ def benchmark(fn: Callable[[], Any], warmup: int = 5, reps: int = 20, setup: Cal
             t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1e3)
     q = np.percentile(times, [25, 50, 75])
     return dict(median_ms=float(q[1]), p25_ms=float(q[0]), p75_ms=float(q[2]), reps=reps)
+
+# %% ../nbs/00_core.ipynb #d0c36ab5
+import contextlib, functools, threading
+
+_POISON_LOCK, _POISON_STATE = threading.Lock(), dict(depth=0, saved=None)
+
+def _nan_filled(fn):
+    @functools.wraps(fn)
+    def poisoned(*args, **kwargs):
+        t = fn(*args, **kwargs)
+        import torch
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided and t.device.type != "meta":
+            with torch.no_grad(): t.fill_(float("nan"))
+        return t
+    return poisoned
+
+@contextlib.contextmanager
+def nan_poison():
+    "Inside this block torch.empty / empty_like / empty_strided / Tensor.new_empty return NaN-filled floating tensors (nesting-safe)."
+    import torch
+    with _POISON_LOCK:
+        if _POISON_STATE["depth"] == 0:
+            saved = dict(empty=torch.empty, empty_like=torch.empty_like, empty_strided=torch.empty_strided)
+            _POISON_STATE["saved"] = (saved, torch.Tensor.new_empty)
+            for name, fn in saved.items(): setattr(torch, name, _nan_filled(fn))
+            torch.Tensor.new_empty = _nan_filled(torch.Tensor.new_empty)
+        _POISON_STATE["depth"] += 1
+    try: yield
+    finally:
+        with _POISON_LOCK:
+            _POISON_STATE["depth"] -= 1
+            if _POISON_STATE["depth"] == 0:
+                saved, new_empty = _POISON_STATE["saved"]
+                for name, fn in saved.items(): setattr(torch, name, fn)
+                torch.Tensor.new_empty = new_empty; _POISON_STATE["saved"] = None
+
+# %% ../nbs/00_core.ipynb #d5627771
+def _tolerances():
+    import torch
+    return {torch.float64: dict(atol=1e-10, ratio=1e-8), torch.float32: dict(atol=1e-5, ratio=1e-4),
+            torch.float16: dict(atol=1e-3, ratio=2e-3), torch.bfloat16: dict(atol=1e-2, ratio=1e-2)}
+
+TOLERANCES = _tolerances()
+
+def assert_close(name: str, ref, out, tol: float | Mapping | None = None):
+    "Assert `out` matches `ref` within `tol` (default `TOLERANCES` of the less precise dtype); the message names `name` and where."
+    import torch
+    ref, out = torch.as_tensor(ref), torch.as_tensor(out)
+    if ref.shape != out.shape: raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
+    dtype = max((ref.dtype, out.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+    t = dict(TOLERANCES.get(dtype, TOLERANCES[torch.float32]))
+    if isinstance(tol, Mapping): t.update(tol)
+    elif tol is not None: t["ratio"] = float(tol)
+    r, o = ref.detach().double().cpu(), out.detach().double().cpu()
+    bad = ~torch.isfinite(o) & torch.isfinite(r)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} of {o.numel()} elements are NaN/Inf where the reference is finite (first at {where})")
+    if o.numel() == 0: return
+    d = (r - o).nan_to_num(0.0).abs()
+    err, idx = d.max().item(), int(d.argmax())
+    if err <= t["atol"]: return
+    ratio = (d.square().mean().sqrt() / r.nan_to_num(0.0).square().mean().sqrt().clamp_min(1e-30)).item()
+    if ratio <= t["ratio"]: return
+    where = tuple(int(i) for i in np.unravel_index(idx, tuple(o.shape)))
+    rel = err / r.nan_to_num(0.0).abs().max().clamp_min(1e-30).item()
+    raise AssertionError(f"{name} ({dtype}): max abs err {err:.3g} at {where} (ref {r.flatten()[idx].item():.6g}, got "
+                         f"{o.flatten()[idx].item():.6g}); max rel err {rel:.3g} of max |ref|; rms ratio {ratio:.3g} > {t['ratio']:.3g}")
+
+# %% ../nbs/00_core.ipynb #86308b24
+@dataclass(frozen=True)
+class DevicePeaks:
+    "Datasheet peaks of one GPU: dense bf16 tensor-core TFLOP/s and HBM GB/s."
+    name: str
+    bf16_tflops: float
+    hbm_gb_s: float
+    @property
+    def flop_s(self) -> float: return self.bf16_tflops * 1e12
+    @property
+    def bytes_s(self) -> float: return self.hbm_gb_s * 1e9
+
+PEAKS = {p.name: p for p in (DevicePeaks("H100 SXM", 989.0, 3350.0), DevicePeaks("H100 PCIe", 756.0, 2000.0),
+                             DevicePeaks("H200", 989.0, 4800.0))}
+
+def _peaks_key(label: str) -> str | None:
+    l = label.lower()
+    if l in {k.lower(): k for k in PEAKS}: return {k.lower(): k for k in PEAKS}[l]
+    if "h200" in l: return "H200"
+    if "h100" in l and "pcie" in l: return "H100 PCIe"
+    if "h100" in l and "nvl" not in l: return "H100 SXM"
+    return None
+
+def device_peaks(label: str | None = None, default: str | None = None) -> DevicePeaks:
+    "The `PEAKS` row of the GPU named `label` (default: this machine's CUDA device); `default` names the row to assume if unknown."
+    if label is None:
+        import torch
+        if torch.cuda.is_available(): label = torch.cuda.get_device_name()
+        elif default is None: raise RuntimeError(f"no CUDA GPU is visible to pick peaks for; pass a label, one of {list(PEAKS)}")
+        else: label = "no CUDA device"
+    key = _peaks_key(label)
+    if key is not None: return PEAKS[key]
+    if default is None: raise ValueError(f"no peaks known for GPU {label!r}; PEAKS has {list(PEAKS)} (or pass default=...)")
+    if default not in PEAKS: raise ValueError(f"default must be one of {list(PEAKS)}, got {default!r}")
+    return replace(PEAKS[default], name=f"{default} (assumed for {label})")
 
 # %% ../nbs/00_core.ipynb #45674458
 def _git(*args) -> str | None:
