@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #49f5d11d
 from __future__ import annotations
-import os, io, re, json, gzip, zlib, struct, shutil, hashlib, tarfile, sysconfig, subprocess, tempfile, warnings
+import os, sys, io, re, json, gzip, zlib, struct, shutil, hashlib, tarfile, sysconfig, subprocess, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -14,8 +14,9 @@ from .core import *
 
 # %% auto #0
 __all__ = ['AUSTEN_DEB', 'AUSTEN_SPLITS', 'AUSTEN_TITLES', 'ACLSUM_SPLITS', 'OFFLINE_CORPORA', 'HUB_CORPORA', 'SPLITS',
-           'Document', 'cache_dir', 'sha256_file', 'fetch_austen_deb', 'austen_novels', 'aclsum_papers', 'split_of',
-           'stdlib_sources', 'hub_offline', 'load_corpus', 'tokenize_docs', 'token_windows', 'packed_batches']
+           'CORE_COLUMNS', 'Document', 'cache_dir', 'sha256_file', 'fetch_austen_deb', 'austen_novels', 'aclsum_papers',
+           'split_of', 'stdlib_sources', 'hub_offline', 'load_corpus', 'as_documents', 'tokenize_docs', 'token_windows',
+           'packed_batches']
 
 # %% ../nbs/01_data.ipynb #e68ac07c
 @dataclass
@@ -186,6 +187,34 @@ def _load_hub_corpus(name: str, split: str, max_docs: int | None) -> list[Docume
         if max_docs and i >= max_docs: break
         docs.append(Document(id=str(row.get("id", i)), text=row[spec["text"]], summary=row.get(spec.get("summary", ""), None)))
     return docs
+
+# %% ../nbs/01_data.ipynb #edeef77d
+CORE_COLUMNS = ("id", "title", "text")
+
+def _columns_of(ds) -> list[str]:
+    "Column names of a Dataset or IterableDataset (an IterableDataset with unknown features is peeked at)."
+    cols = ds.column_names
+    return list(cols) if cols is not None else list(next(iter(ds.take(1)), {}).keys())
+
+def _row_document(row: dict) -> Document:
+    meta = {k: v for k, v in row.items() if k not in (*CORE_COLUMNS, "abstract")}
+    return Document(id=str(row["id"]), text=row["text"], title=row.get("title") or "", summary=row.get("abstract"), meta=meta)
+
+def as_documents(corpus) -> list[Document]:
+    "A list of `Document`s from `corpus`: a list of Documents (returned as is) or a datasets.Dataset/IterableDataset with our columns."
+    if isinstance(corpus, Document): raise TypeError("expected a list of Documents or a datasets.Dataset, got one Document: wrap it in a list")
+    if isinstance(corpus, (list, tuple)):
+        bad = next((type(d).__name__ for d in corpus if not isinstance(d, Document)), None)
+        if bad: raise TypeError(f"a list of documents must hold longctx_nb.data.Document objects, found a {bad}")
+        return list(corpus)
+    hfd = sys.modules.get("datasets")  # a Dataset can only exist once `datasets` is imported
+    if hfd is not None and isinstance(corpus, (hfd.DatasetDict, hfd.IterableDatasetDict)):
+        raise TypeError(f"got a DatasetDict with splits {list(corpus)}: pass one split, e.g. corpus[{next(iter(corpus), 'train')!r}]")
+    if hfd is None or not isinstance(corpus, (hfd.Dataset, hfd.IterableDataset)):
+        raise TypeError(f"expected a list of Documents or a datasets.Dataset with columns {list(CORE_COLUMNS)}, got {type(corpus).__name__}")
+    found = _columns_of(corpus); missing = [c for c in ("id", "text") if c not in found]
+    if missing: raise ValueError(f"a corpus dataset needs columns ['id', 'text'] (optional: 'title', 'abstract'); missing {missing}, found {found}")
+    return [_row_document(r) for r in corpus]
 
 # %% ../nbs/01_data.ipynb #867eec9a
 def tokenize_docs(docs: Sequence[Document], tokenizer) -> list[np.ndarray]:
