@@ -9,7 +9,8 @@ import torch
 from longctx_nb.core import Preset, choose_preset, resolve_config, save_report, paper_vs_ours, build_reports_index, run_meta, list_notebooks, find_repo_root
 from longctx_nb.data import load_corpus, token_windows, packed_batches, Document, split_of
 from longctx_nb.models import (load_causal_lm, resolve_model_path, set_attention_hook, attention_hook, eager_attention,
-                               attention_modules, token_nll, train_lm, attention_mask_to_additive)
+                               attention_modules, token_nll, train_lm, attention_mask_to_additive, head_dim, rotate_half,
+                               apply_rope, rope_tables, set_rope_scaling)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,54 @@ def test_token_nll_matches_model_loss(tiny_llama):
     assert nll.shape == (2, 49) and abs(nll.mean().item() - loss.item()) < 1e-4
     with pytest.raises(ValueError, match="length>=2"):
         token_nll(tiny_llama, ids[:, :1])
+
+
+# ------------------------------------------------------------------ RoPE
+def test_head_dim_from_config(tiny_llama):
+    from types import SimpleNamespace
+    assert head_dim(tiny_llama.config) == 16 and head_dim(SimpleNamespace(head_dim=32, hidden_size=64, num_attention_heads=4)) == 32
+    assert head_dim(SimpleNamespace(hidden_size=64, num_attention_heads=4)) == 16
+    with pytest.raises(TypeError, match="num_attention_heads"):
+        head_dim(object())
+
+
+def test_apply_rope_matches_transformers(tiny_llama):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    x = torch.randn(2, 4, 13, 16)
+    assert torch.equal(rotate_half(rotate_half(x)), -x)
+    cos, sin = rope_tables(tiny_llama.model.rotary_emb, 13, "cpu")
+    assert cos.shape == (13, 16) and cos.dtype == torch.float32 and torch.equal(cos[0], torch.ones(16))
+    q_hf, k_hf = apply_rotary_pos_emb(x, x.flip(1), cos[None], sin[None])
+    torch.testing.assert_close(apply_rope(x, cos, sin), q_hf)
+    torch.testing.assert_close(apply_rope(x.flip(1), cos, sin), k_hf)
+
+
+def test_set_rope_scaling_in_place_round_trip(tiny_llama):
+    ids = torch.randint(0, 128, (1, 30)); base = tiny_llama.model.rotary_emb.inv_freq.clone(); ref = token_nll(tiny_llama, ids)
+    assert set_rope_scaling(tiny_llama, "linear", 2.0) is tiny_llama
+    assert torch.allclose(tiny_llama.model.rotary_emb.inv_freq, base / 2) and tiny_llama.config.max_position_embeddings == 1024
+    set_rope_scaling(tiny_llama, "yarn", 4.0)   # the pretrained window is remembered: x4 of 512, not of 1024
+    assert tiny_llama.config.max_position_embeddings == 2048 and tiny_llama.config.rope_parameters["original_max_position_embeddings"] == 512
+    assert tiny_llama.model.rotary_emb.attention_scaling > 1 and not torch.allclose(token_nll(tiny_llama, ids), ref)
+    set_rope_scaling(tiny_llama, "default")
+    assert torch.equal(tiny_llama.model.rotary_emb.inv_freq, base) and torch.allclose(token_nll(tiny_llama, ids), ref, atol=1e-6)
+
+
+def test_set_rope_scaling_copy_leaves_the_model_alone(tiny_llama):
+    base = tiny_llama.model.rotary_emb.inv_freq.clone()
+    pi = set_rope_scaling(tiny_llama, "linear", 4.0, inplace=False)
+    assert pi is not tiny_llama and torch.allclose(pi.model.rotary_emb.inv_freq, base / 4)
+    assert torch.equal(tiny_llama.model.rotary_emb.inv_freq, base) and tiny_llama.config.rope_parameters["rope_type"] == "default"
+    assert tiny_llama.config.max_position_embeddings == 512 and pi.config.max_position_embeddings == 2048
+
+
+def test_set_rope_scaling_bad_inputs(tiny_llama):
+    with pytest.raises(ValueError, match="rope_type must be one of"):
+        set_rope_scaling(tiny_llama, "ntk", 2.0)
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        set_rope_scaling(tiny_llama, "yarn", 0.5)
+    with pytest.raises(TypeError, match="rotary_emb"):
+        set_rope_scaling(torch.nn.Linear(2, 2), "yarn", 2.0)
 
 
 def test_train_lm_freezes_what_it_should(tiny_llama):
