@@ -252,6 +252,16 @@ def hub_offline() -> bool:
     "True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / LONGCTX_OFFLINE set)."
     return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "LONGCTX_OFFLINE"))
 
+def _holds_no_rows(f: str) -> bool:
+    "True for a local file that plainly holds no rows (an empty file, a Parquet file of 0 rows: `datasets` fails on the latter)."
+    p = Path(f)
+    if not p.is_file(): return False
+    if p.stat().st_size == 0: return True
+    if f.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.ParquetFile(p).metadata.num_rows == 0
+    return False
+
 def _builder_of(files: list[str]) -> str:
     "The `datasets` packaged builder for local files, from the first file's name."
     fmt = next((b for ext, b in _FORMATS.items() if files[0].endswith(ext)), None)
@@ -261,11 +271,7 @@ def _builder_of(files: list[str]) -> str:
 # %% ../nbs/01_data.ipynb #9825b238
 def _open_hub_split(name: str, split: str, data_files: dict | None, streaming: bool):
     "`datasets.load_dataset` of `split`: the hub id of `name`, or local files in its layout (`data_files`: {split: file or files})."
-    spec = HUB_CORPORA[name]
-    if data_files is None and hub_offline():
-        raise RuntimeError(f"{name!r} lives on the Hugging Face hub and this machine is offline; use the offline default "
-                           f"load_corpus({spec['offline']!r}) ({OFFLINE_CORPORA[spec['offline']]}), or pass data_files= with a local copy")
-    hfd, hf_cache = _datasets(), str(cache_dir("hf_datasets"))
+    spec, hfd, hf_cache = HUB_CORPORA[name], _datasets(), str(cache_dir("hf_datasets"))
     if data_files is None:
         try: return hfd.load_dataset(spec["path"], split=split, streaming=streaming, cache_dir=hf_cache)
         except RuntimeError as e:
@@ -277,6 +283,7 @@ def _open_hub_split(name: str, split: str, data_files: dict | None, streaming: b
     files = data_files[split]; files = [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
     if not files: raise ValueError(f"data_files[{split!r}] lists no files")
     empty = f"split {split!r} of {name!r} is empty: {files} hold no rows"
+    if all(map(_holds_no_rows, files)): raise ValueError(empty)
     try: return hfd.load_dataset(_builder_of(files), data_files={split: files}, split=split, streaming=streaming, cache_dir=hf_cache)
     except StopIteration as e: raise ValueError(empty) from e  # the json builder looks for a first row to infer the columns
     except ValueError as e:
@@ -296,7 +303,11 @@ def _hub_row(row: dict, i: int, spec: dict, split: str) -> dict:
 def hub_corpus(name: str, split: str = "train", max_docs: int | None = None, data_files: dict | None = None, streaming: bool = True):
     "Hub corpus `name`'s `split` in our columns: an IterableDataset when `streaming`, else a Dataset. `data_files` reads a local copy."
     if name not in HUB_CORPORA: raise ValueError(f"unknown hub corpus {name!r}; hub corpora: {sorted(HUB_CORPORA)}")
-    spec, hfd = HUB_CORPORA[name], _datasets()
+    spec = HUB_CORPORA[name]
+    if data_files is None and hub_offline():
+        raise RuntimeError(f"{name!r} lives on the Hugging Face hub and this machine is offline; use the offline default "
+                           f"load_corpus({spec['offline']!r}) ({OFFLINE_CORPORA[spec['offline']]}), or pass data_files= with a local copy")
+    hfd = _datasets()
     with _quiet(hfd): ds = _open_hub_split(name, split, data_files, streaming)
     first = next(iter(ds.take(1)), None) if streaming else ds[0] if len(ds) else None
     if first is None: raise ValueError(f"split {split!r} of {name!r} is empty ({'local files' if data_files else spec['path']})")
