@@ -1,14 +1,15 @@
-"Tensorized attention: formulation proofs on the reference, and the Triton kernel vs the reference on CPU (interpreter, float32)."
+"""Tensorized attention: formulation proofs on the reference, and the Triton kernel vs the reference in float32: in the interpreter on CPU,
+or compiled on CUDA tensors where a GPU is visible (then the interpreter is off). Every test runs inside core.nan_poison() (conftest)."""
 import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_interpreter
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
-from longctx_nb import tensorized as T
 from longctx_nb.tensorized import (choose_factorization, tensorized_attention, tensorized_attention_ref, tensorized_attention_matrix,
                                    normalize_shape)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel's tensors: compiled on CUDA, the interpreter on CPU
 
 
 def rand(B, H, Hkv, L, D, seed=0, dtype=torch.float32, device="cpu"):
@@ -69,8 +70,8 @@ def test_kronecker_special_case():
 
 
 # ---------------------------------------------------------------- (b) causality
-def _future_grad(fn, L=26, shape=(3, 3, 3), points=(0, 4, 9, 13, 20, 25)):
-    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, L, 16, seed=1))
+def _future_grad(fn, L=26, shape=(3, 3, 3), points=(0, 4, 9, 13, 20, 25), device="cpu"):
+    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, L, 16, seed=1, device=device))
     o = fn(q, k, v, shape)
     worst = 0.0
     for p in points:
@@ -85,13 +86,13 @@ def test_causality_reference_exact_zero():
 
 
 def test_causality_kernel_exact_zero():
-    assert _future_grad(lambda q, k, v, s: tensorized_attention(q, k, v, s, backend="triton")) == 0.0
+    assert _future_grad(lambda q, k, v, s: tensorized_attention(q, k, v, s, backend="triton"), device=DEV) == 0.0
 
 
 # ---------------------------------------------------------------- (c) m = 1
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_one_dim_is_causal_attention(backend):
-    q, k, v = rand(2, 4, 2, 45, 16, seed=2)
+    q, k, v = rand(2, 4, 2, 45, 16, seed=2, device=DEV if backend == "triton" else "cpu")
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(tensorized_attention(q, k, v, shape=1, backend=backend), want, rtol=1e-5, atol=1e-5)
 
@@ -109,8 +110,7 @@ CASES = [  # B, H, Hkv, L, D, shape, causal
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", CASES,
                          ids=[f"B{c[0]}-T{c[3]}-H{c[1]}/{c[2]}-D{c[4]}-{'x'.join(map(str, c[5]))}-{'causal' if c[6] else 'full'}-fp32" for c in CASES])
-def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal, monkeypatch):
-    monkeypatch.setattr(T, "POISON_OUTPUTS", True)       # every buffer the kernels must write starts as NaN
+def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal):
     q, k, v = (t.requires_grad_() for t in rand(B, H, Hkv, L, D, seed=L, device=DEV))
     do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(9)).to(DEV)
     o = tensorized_attention(q, k, v, shape, causal, backend="triton")
@@ -126,13 +126,13 @@ def test_kernel_inference_path_and_noncontiguous():
     "Without grad the forward drops intermediates; inputs may be non-contiguous views ([B, L, H, D] transposed)."
     B, H, L, D = 1, 2, 30, 16
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2) for _ in range(3))
     with torch.no_grad(): o = tensorized_attention(q, k, v, (5, 6), backend="triton")
     torch.testing.assert_close(o, tensorized_attention_ref(q, k, v, (5, 6)), rtol=1e-5, atol=1e-5)
 
 
 def test_default_shape_and_scale():
-    q, k, v = rand(1, 2, 2, 40, 16, seed=5)
+    q, k, v = rand(1, 2, 2, 40, 16, seed=5, device=DEV)
     torch.testing.assert_close(tensorized_attention(q, k, v, backend="triton", scale=0.1),
                                tensorized_attention_ref(q, k, v, choose_factorization(40), scale=0.1), rtol=1e-5, atol=1e-5)
 
@@ -158,8 +158,21 @@ def test_bad_inputs(make, kw, exc, match):
     with pytest.raises(exc, match=match): tensorized_attention(*make(), **kw)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter dtype rule applies to CPU tensors only")
+@needs_interpreter
 def test_interpreter_rejects_low_precision():
     q, k, v = (t.bfloat16() for t in _qkv())
     with pytest.raises(TypeError, match="float32 only"): tensorized_attention(q, k, v, backend="triton")
     assert tensorized_attention(q, k, v, backend="torch").dtype == torch.bfloat16   # the reference takes any float dtype
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # as on a CUDA machine: the kernel is compiled, CPU tensors cannot reach it
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"): tensorized_attention(*_qkv(), backend="triton")
+
+
+@pytest.mark.gpu
+def test_kernel_bf16_on_cuda_matches_fp32_reference():
+    from longctx_nb.tensorized import correctness_sweep
+    sweep = correctness_sweep([dict(B=1, H=4, Hkv=2, L=1000, D=64, shape=(10, 10, 10), causal=True),
+                               dict(B=2, H=2, Hkv=2, L=777, D=128, shape=(777,), causal=True)], dtype=torch.bfloat16, device="cuda")
+    assert not sweep.nan.any() and (sweep[["o", "dq", "dk", "dv"]].max(axis=None) < 3e-2), sweep

@@ -1,14 +1,16 @@
-"Tensorized models: per-dimension RoPE attention vs its dense matrix, the kernel path, tensorize() on a tiny Llama, decoding, bad inputs."
+"""Tensorized models: per-dimension RoPE attention vs its dense matrix, the kernel path (the interpreter on CPU, compiled on CUDA
+tensors where a GPU is visible), tensorize() on a tiny Llama, decoding, bad inputs."""
 import math
 import pytest
 import torch
 import torch.nn.functional as F
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
-import longctx_nb.tensorized as T
-from longctx_nb.models import repeat_kv, attention_modules, train_lm
+from longctx_nb.models import repeat_kv, attention_modules, train_lm, apply_rope, set_rope_scaling
 from longctx_nb.tensorized import tensorized_attention_ref
 from longctx_nb.tensorized_models import (TensorLayout, make_layout, tensorized_rope_attention, tensorized_rope_matrix, tensorize,
-                                          with_rope_scaling, cast_keep_rope, TensorizedRotary, _rotate)
+                                          cast_keep_rope, TensorizedRotary)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel's tensors: compiled on CUDA, the interpreter on CPU
 
 
 def rope_table(n, D=8, theta=50.0, dtype=torch.float64):
@@ -69,7 +71,7 @@ def test_no_rope_equals_the_fused_op_and_m1_equals_sdpa():
     torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 4, 4), None, backend="torch"),
                                tensorized_attention_ref(q, k, v, (4, 4, 4)), rtol=1e-12, atol=1e-12)
     cos, sin = rope_table(50)
-    ref = F.scaled_dot_product_attention(_rotate(q, cos, sin), repeat_kv(_rotate(k, cos, sin), 2), repeat_kv(v, 2), is_causal=True)
+    ref = F.scaled_dot_product_attention(apply_rope(q, cos, sin), repeat_kv(apply_rope(k, cos, sin), 2), repeat_kv(v, 2), is_causal=True)
     torch.testing.assert_close(tensorized_rope_attention(q, k, v, (50,), rope_table, backend="torch"), ref, rtol=1e-10, atol=1e-10)
 
 
@@ -83,18 +85,15 @@ def test_causality_exact_zero_gradients():
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,shape", [(1, 2, 1, 37, 16, (5, 8)), (2, 2, 2, 20, 16, (3, 3, 3))], ids=["GQA-5x8-T37", "B2-3x3x3-T20"])
 def test_triton_path_matches_reference_fwd_bwd(B, H, Hkv, L, D, shape):
-    "backend='triton' (interpreter on CPU, float32) vs backend='torch', forward and backward, kernel buffers poisoned with NaN."
-    q, k, v = (t.float() for t in rand(B, H, Hkv, L, D))
-    rope = lambda n: tuple(t.float() for t in rope_table(n, D=D))
-    do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1))
+    "backend='triton' (float32) vs backend='torch', forward and backward; kernel buffers start as NaN (conftest's nan_poison)."
+    q, k, v = (t.float().to(DEV) for t in rand(B, H, Hkv, L, D))
+    rope = lambda n: tuple(t.float().to(DEV) for t in rope_table(n, D=D))
+    do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1)).to(DEV)
     outs = {}
     for backend in ("triton", "torch"):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        T.POISON_OUTPUTS = backend == "triton"
-        try:
-            o = tensorized_rope_attention(qq, kk, vv, shape, rope, backend=backend)
-            outs[backend] = (o, *torch.autograd.grad(o, (qq, kk, vv), do))
-        finally: T.POISON_OUTPUTS = False
+        o = tensorized_rope_attention(qq, kk, vv, shape, rope, backend=backend)
+        outs[backend] = (o, *torch.autograd.grad(o, (qq, kk, vv), do))
     for a, b in zip(outs["triton"], outs["torch"]):
         assert a.isfinite().all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -186,14 +185,14 @@ def test_tensorize_bad_inputs(tiny_llama):
     with pytest.raises(ValueError, match="fewer than the sequence length 20"): fixed(ids)
 
 
-def test_with_rope_scaling(tiny_llama):
-    pi = with_rope_scaling(tiny_llama, "linear", 4.0)
+def test_rope_scaling_copies_for_the_baselines(tiny_llama):
+    pi = set_rope_scaling(tiny_llama, "linear", 4.0, inplace=False)
     x = torch.zeros(1, 1)
     torch.testing.assert_close(pi.model.rotary_emb(x, torch.tensor([[40]]))[0], tiny_llama.model.rotary_emb(x, torch.tensor([[10]]))[0])
-    yarn = with_rope_scaling(tiny_llama, "yarn", 4.0)
+    yarn = set_rope_scaling(tiny_llama, "yarn", 4.0, inplace=False)
     assert yarn.model.rotary_emb.attention_scaling > 1 and tiny_llama.config.rope_parameters["rope_type"] == "default"
-    with pytest.raises(ValueError, match="factor"): with_rope_scaling(tiny_llama, "linear", 0.5)
-    with pytest.raises(TypeError, match="untensorized"): with_rope_scaling(tensorize(tiny_llama, shape=(4, 4)), "linear", 2.0)
+    with pytest.raises(TypeError, match="rotary_emb"):          # a tensorized model's rotary module is a TensorizedRotary
+        set_rope_scaling(tensorize(tiny_llama, shape=(4, 4)), "linear", 2.0, inplace=False)
 
 
 def test_fibre_batches_split_under_the_grid_limit(monkeypatch):
