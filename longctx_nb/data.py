@@ -5,6 +5,7 @@
 # %% ../nbs/01_data.ipynb #49f5d11d
 from __future__ import annotations
 import os, sys, io, re, json, gzip, zlib, struct, shutil, hashlib, tarfile, sysconfig, subprocess, tempfile, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -13,8 +14,8 @@ import numpy as np
 from .core import *
 
 # %% auto #0
-__all__ = ['AUSTEN_DEB', 'AUSTEN_SPLITS', 'AUSTEN_TITLES', 'ACLSUM_SPLITS', 'ACLSUM_ASPECTS', 'CORE_COLUMNS', 'DATASET_FORMAT',
-           'OFFLINE_CORPORA', 'HUB_CORPORA', 'SPLITS', 'Document', 'cache_dir', 'sha256_file', 'fetch_austen_deb',
+__all__ = ['AUSTEN_DEB', 'AUSTEN_SPLITS', 'AUSTEN_TITLES', 'ACLSUM_SPLITS', 'ACLSUM_ASPECTS', 'CORE_COLUMNS', 'OFFLINE_CORPORA',
+           'SPLITS', 'DATASET_FORMAT', 'HUB_CORPORA', 'Document', 'cache_dir', 'sha256_file', 'fetch_austen_deb',
            'austen_novels', 'aclsum_papers', 'split_of', 'stdlib_sources', 'as_documents', 'documents_to_dataset',
            'corpus_dataset', 'hub_offline', 'hub_corpus', 'load_corpus', 'tokenize_docs', 'token_windows',
            'packed_batches']
@@ -161,7 +162,6 @@ def _datasets():
     except ImportError as e: raise ImportError("the Dataset form needs `datasets`: `pip install -r requirements-lock.txt` (it pins datasets)") from e
     return datasets
 
-from contextlib import contextmanager
 @contextmanager
 def _quiet(hfd):
     "No `datasets` progress bars inside (a notebook's output stays readable)."
@@ -209,6 +209,10 @@ def documents_to_dataset(docs: Sequence[Document]):
     return hfd.Dataset.from_dict(cols)
 
 # %% ../nbs/01_data.ipynb #867eec9a
+OFFLINE_CORPORA = dict(austen="long narrative (PG19-like): six Austen novels, Debian r-cran-janeaustenr",
+                       aclsum="long scientific papers with abstracts: PyPI aclsum",
+                       stdlib="code: the Python standard library")
+SPLITS = ("train", "validation", "test")
 DATASET_FORMAT = 1  # part of the Arrow cache key: bump it when the columns of a corpus dataset change
 
 def _corpus_version(name: str) -> str:
@@ -228,6 +232,8 @@ def _offline_documents(name: str, split: str) -> list[Document]:
 
 def corpus_dataset(name: str, split: str = "train"):
     "Offline corpus `name`'s `split` as a datasets.Dataset, built once from its Documents and memory-mapped from the Arrow cache."
+    if name not in OFFLINE_CORPORA: raise ValueError(f"unknown offline corpus {name!r}; offline corpora: {sorted(OFFLINE_CORPORA)}")
+    if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     hfd = _datasets()
     path = cache_dir("datasets") / f"{name}-{split}-v{DATASET_FORMAT}-{_corpus_version(name)}"
     if not (path / "state.json").exists():
@@ -238,14 +244,10 @@ def corpus_dataset(name: str, split: str = "train"):
     return hfd.load_from_disk(str(path))
 
 # %% ../nbs/01_data.ipynb #5b25b7ba
-OFFLINE_CORPORA = dict(austen="long narrative (PG19-like): six Austen novels, Debian r-cran-janeaustenr",
-                       aclsum="long scientific papers with abstracts: PyPI aclsum",
-                       stdlib="code: the Python standard library")
 HUB_CORPORA = {"pg19": dict(path="deepmind/pg19", columns=dict(title="short_book_title", text="text"), id_from="url", offline="austen"),
                "proof-pile": dict(path="hoskinson-center/proof-pile", columns=dict(text="text"), offline="stdlib"),
                "ccdv/pubmed-summarization": dict(path="ccdv/pubmed-summarization", columns=dict(text="article", abstract="abstract"), offline="aclsum"),
                "ccdv/arxiv-summarization": dict(path="ccdv/arxiv-summarization", columns=dict(text="article", abstract="abstract"), offline="aclsum")}
-SPLITS = ("train", "validation", "test")
 _FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 def hub_offline() -> bool:
@@ -303,6 +305,7 @@ def _hub_row(row: dict, i: int, spec: dict, split: str) -> dict:
 def hub_corpus(name: str, split: str = "train", max_docs: int | None = None, data_files: dict | None = None, streaming: bool = True):
     "Hub corpus `name`'s `split` in our columns: an IterableDataset when `streaming`, else a Dataset. `data_files` reads a local copy."
     if name not in HUB_CORPORA: raise ValueError(f"unknown hub corpus {name!r}; hub corpora: {sorted(HUB_CORPORA)}")
+    if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     spec = HUB_CORPORA[name]
     if data_files is None and hub_offline():
         raise RuntimeError(f"{name!r} lives on the Hugging Face hub and this machine is offline; use the offline default "
