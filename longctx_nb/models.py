@@ -63,6 +63,7 @@ def _build_embedded_cache(name: str) -> Path:
     shutil.rmtree(dest, ignore_errors=True); tmp.rename(dest)
     return dest
 
+# %% ../nbs/02_models.ipynb #2247cd99
 def resolve_model_path(name_or_path: str) -> str:
     "A folder or hub id that `from_pretrained` can load for `name_or_path` (building the embedded cache if needed)."
     if name_or_path in EMBEDDED_MODELS:
@@ -125,6 +126,7 @@ def eager_attention(module: nn.Module, query, key, value, attention_mask, scalin
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 
+# %% ../nbs/02_models.ipynb #6b0216a7
 def _longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     hook = getattr(module, "longctx_attention", None)
     if hook is None: return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

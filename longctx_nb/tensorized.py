@@ -72,6 +72,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, 
     if L < 1: raise ValueError("sequence length must be at least 1")
     return B, H, Hkv, L, D
 
+# %% ../nbs/10_tensorized_attention.ipynb #1cb70569
 def hop_order(m: int) -> list[int]:
     "The dimensions in the order the hops visit them: innermost (fastest-varying, local) first."
     return list(range(m - 1, -1, -1))
@@ -86,6 +87,7 @@ def unfold(x: torch.Tensor, L: int) -> torch.Tensor:
     "[B, H, n_1, ..., n_m, D] -> [B, H, L, D] (drops the padding)."
     return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])[:, :, :L]
 
+# %% ../nbs/10_tensorized_attention.ipynb #49ac89f7
 def _hop_ref(qf, kf, vf, valid, dim: int, causal: bool, scale: float):
     "One hop along tensor dimension `dim` of folded [B,H,*shape,D] tensors: each fibre attends over itself."
     ax = 2 + dim
@@ -190,7 +192,7 @@ def _tensorized_hop_fwd(Q, K, V, O, LSE,
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
     tl.store(LSE + bh.to(tl.int64) * L + pos_m, lse, mask=row_ok)
 
-
+# %% ../nbs/10_tensorized_attention.ipynb #e6806eea
 @triton.jit
 def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
@@ -237,7 +239,7 @@ def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
     dq_ptrs = DQ + b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qmask, other=0.0) + dq * sm_scale, mask=qmask)
 
-
+# %% ../nbs/10_tensorized_attention.ipynb #1cf5c316
 @triton.jit
 def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdvb, sdvh, sdvl,
@@ -323,6 +325,7 @@ def _hop_geometry(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
     "(fibre length n_k, row stride of a fibre, number of fibres) for a hop along `dim`."
     return shape[dim], math.prod(shape[dim + 1:]), math.prod(shape) // shape[dim]
 
+# %% ../nbs/10_tensorized_attention.ipynb #130df6c2
 class TensorizedAttentionFunction(torch.autograd.Function):
     "Autograd wrapper: forward = one `_tensorized_hop_fwd` launch per hop; backward = dq then dk/dv launches per hop, in reverse."
     @staticmethod
@@ -443,6 +446,7 @@ def correctness_sweep(cases: Sequence[dict], dtype: torch.dtype = torch.float32,
         rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/10_tensorized_attention.ipynb #dc77ec1d
 def _timed(fn, reps: int, warmup: int, setup=None) -> float:
     return benchmark(fn, warmup=warmup, reps=reps, setup=setup)["median_ms"]
 

@@ -88,6 +88,7 @@ def _fibre_attention(q, k, v, scale: float, backend: str) -> torch.Tensor:
     return torch.cat([tensorized_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows], shape=(q.shape[2],), causal=True, scale=scale,
                                            backend=backend) for i in range(0, q.shape[0], rows)])
 
+# %% ../nbs/11_tensorized_models.ipynb #01239714
 def _check_qkv4(q, k, v):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4: raise ValueError(f"{name} must be a 4-D tensor [B, heads, L, D], got {getattr(t, 'shape', type(t))}")
@@ -120,6 +121,7 @@ def tensorized_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = unfold(cur, L)
     return (out, values) if return_values else out
 
+# %% ../nbs/11_tensorized_models.ipynb #f228ad7c
 def tensorized_rope_matrix(q: torch.Tensor, k: torch.Tensor, shape: Sequence[int], rope=None, scale: float | None = None,
                            L: int | None = None) -> torch.Tensor:
     """The dense [B, H, N, N] matrix A = P_1 ... P_m (N = prod(shape)) of causal tensorized attention with per-dimension RoPE, entry by
@@ -203,6 +205,7 @@ def _check_mask_and_positions(mask, position_ids, Lq: int, S: int):
         if position_ids.shape[-1] != Lq or not bool((position_ids == want).all()):
             raise ValueError("tensorized attention needs position ids 0..L-1 in every row (no left padding, no packed-sequence resets)")
 
+# %% ../nbs/11_tensorized_models.ipynb #a1c1b68f
 def _decode_token(q, k_all, v_all, past_values: list, p: int, layout: TensorLayout, rope, scale: float):
     """Exact incremental tensorized attention for the token at position p: q [B, H, 1, D]; k_all, v_all [B, H_kv, >p, D];
     past_values[j] [B, H, >=p, D] = V^(j+1) of earlier tokens. Returns (out [B, H, 1, D], [V^(1)..V^(m-1)] of this token)."""
@@ -222,6 +225,7 @@ def _decode_token(q, k_all, v_all, past_values: list, p: int, layout: TensorLayo
         if j < layout.m - 1: mine.append(cur.to(q.dtype))
     return cur.to(q.dtype), mine
 
+# %% ../nbs/11_tensorized_models.ipynb #4b087ba8
 def tensorized_attention_hook(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, spec: TensorizeSpec,
                               rotary: TensorizedRotary | None = None, **kwargs):
     "The AttentionInterface-style function `tensorize` installs on every layer (spec and rotary are bound with functools.partial)."
@@ -257,6 +261,7 @@ def tensorized_attention_hook(module, query, key, value, attention_mask, scaling
         out = torch.cat(outs, 2)
     return out.transpose(1, 2).contiguous(), None
 
+# %% ../nbs/11_tensorized_models.ipynb #1d764358
 def tensorize(model: nn.Module, shape: int | Sequence[int] | None = None, length: int = 2048, grow: str = "outer",
               rope: str = "tensorized", backend: str = "auto", inplace: bool = False) -> nn.Module:
     """A copy of `model` (a Llama-family transformers causal LM; `inplace=True` modifies it) whose every attention layer is causal tensorized
