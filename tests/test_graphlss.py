@@ -255,3 +255,17 @@ def test_build_graph_on_a_paper_and_cache(nlp, encoder, tmp_path, monkeypatch):
     assert set(picks) == {"Lead", "TextRank", "Oracle"} and picks["Lead"][0][0] == 0
     ev = evaluate_summaries([g], picks["Oracle"])
     assert 0 < ev.rouge1_f.iloc[0] <= 100
+
+
+def test_build_graphs_accepts_a_dataset(nlp, encoder):
+    from longctx_nb.data import documents_to_dataset
+    s = GraphSettings(max_sentences=30)
+    docs = [Document(id="P/1", text=PAPER, summary="We propose a graph of sentences and words for long document summarization."),
+            Document(id="P/2", text="We propose a graph model for long scientific documents.", summary="A graph model.")]
+    from_list = build_graphs(docs, s, nlp, encoder, use_cache=False)
+    from_ds = build_graphs(documents_to_dataset(docs), s, nlp, encoder, use_cache=False)
+    for a, b in zip(from_list, from_ds):
+        assert a["doc_id"] == b["doc_id"] and a["words"] == b["words"] and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["x_sentence"], b["x_sentence"])
+    with pytest.raises(TypeError, match="list of Documents or a datasets.Dataset"): build_graphs("a string", s, nlp, encoder)
+    with pytest.raises(TypeError, match="wrap it in a list"): build_graphs(docs[0], s, nlp, encoder)
