@@ -10,12 +10,13 @@ ONLY ?=
 # the stamp changes whenever a pin changes, so `make` reinstalls exactly then
 STAMP := $(VENV)/.installed-$(shell cat requirements-lock.txt requirements-assets.txt settings.ini 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: help install reproduce test export clean check-export check-clean lab py gpu-bundle
+.PHONY: help install reproduce test export clean check-export check-clean lab py gpu-bundle bench
 
 help:
 	@echo "make reproduce   run every notebook through papermill into reports/ (CONFIG=smoke|full|auto, ONLY='00 40')"
 	@echo "make test        everything CI runs: export/clean in sync, every notebook at smoke via papermill, pytest"
 	@echo "make lab         JupyterLab on nbs/ with the project's kernel;  make py: readable py:percent views in build/py"
+	@echo "make bench       every kernel-lab script (python -m kernels.NAME) on this GPU into reports/kernels/ (AB=<commit> adds an A/B run)"
 
 install: $(STAMP)
 
@@ -60,6 +61,15 @@ lab: install
 py: install
 	mkdir -p build/py
 	for nb in nbs/*.ipynb; do $(BIN)/jupytext --quiet --to py:percent -o build/py/$$(basename $${nb%.ipynb}).py $$nb; done
+
+# The kernel lab on a CUDA GPU: each script checks its kernel and benchmarks it into reports/kernels/<script>/ (nonzero exit on a
+# failed check; every script runs, then the target fails if one did). AB=<commit> also runs that commit's code in the same process.
+BENCH ?= tensorized_bench shadowkv_keys_check shadowkv_lab shadowkv_decode_profile longppl_speed
+AB ?=
+bench: install
+	@failed=""; for s in $(BENCH); do echo "== kernels.$$s"; \
+	  $(BIN)/python -m kernels.$$s $(if $(AB),--ab $(AB),) || failed="$$failed $$s"; done; \
+	  test -z "$$failed" || { echo "failed:$$failed"; exit 1; }
 
 clean:
 	rm -rf build _proc _docs .pytest_cache

@@ -2,18 +2,19 @@
 Llama-3-8B-shaped random model (notebook 51's setup) for ShadowKV and for full attention, and reports per step: wall time, the
 GPU's busy time (sum of its kernel and copy times), and the ops with the most host (self CPU) time and the most GPU time.
 
-    python kernels/shadowkv_decode_profile.py [--context 122880] [--batch 13] [--full-batch 3] [--out reports/kernels/shadowkv_decode_profile]
-    python kernels/shadowkv_decode_profile.py --tiny      # a toy model on CPU: checks the script, measures nothing of interest
+    python -m kernels.shadowkv_decode_profile [--context 122880] [--batch 13] [--full-batch 3] [--out DIR] [--ab COMMIT]
+    python -m kernels.shadowkv_decode_profile --tiny      # a toy model on CPU: checks the script, measures nothing of interest
+
+Needs CUDA unless --tiny. Exit status 1 when a decode gives no finite time.
 """
-import argparse, time
-import longctx_nb.core  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA, before triton is imported)
-from longctx_nb.core import run_meta, save_report, Preset
+import contextlib, math, sys, time
+from kernels._lab import lab_main, Measured
 import pandas as pd
 import torch
 from torch.profiler import profile, ProfilerActivity
 from torch.autograd import DeviceType
-from longctx_nb.shadowkv import ShadowKVConfig
-from longctx_nb.shadowkv_throughput import llama_config, random_llama, synthetic_prefill, build_cache, decode_speed
+
+NAME = "shadowkv_decode_profile"
 
 
 def profile_steps(model, cache, batch, steps):
@@ -40,33 +41,36 @@ def profile_steps(model, cache, batch, steps):
     return wall, gpu_busy, ops
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(ap):
     ap.add_argument("--context", type=int, default=122880)
     ap.add_argument("--batch", type=int, default=13)
     ap.add_argument("--full-batch", type=int, default=3)
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", default="reports/kernels/shadowkv_decode_profile")
-    a = ap.parse_args(argv)
+    ap.add_argument("--tiny", action="store_true", help="a toy model (on CPU when there is no GPU): checks the script")
+
+
+def measure(lib, a) -> Measured:
+    thr = lib.shadowkv_throughput
+    ShadowKVConfig = lib.get("ShadowKVConfig", "shadowkv")
+    build_cache = lib.get("build_cache", "shadowkv_throughput")
     cuda = torch.cuda.is_available() and not a.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     over = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=2, head_dim=16) if a.tiny else {}
     if a.tiny: a.context, a.batch, a.full_batch, a.budget = 2048, 2, 2, 64
-    model = random_llama(llama_config(**over), dev, torch.bfloat16 if cuda else torch.float32)
+    model = thr.random_llama(thr.llama_config(**over), dev, torch.bfloat16 if cuda else torch.float32)
     rank = 16 if a.tiny else 160
-    rec = synthetic_prefill(model, a.context, rank)
+    rec = thr.synthetic_prefill(model, a.context, rank)
     summary, tables = [], {}
     for name, method, batch, st in [("ShadowKV", "shadowkv", a.batch,
                                      ShadowKVConfig(budget=a.budget, rank=rank, min_prefill=1024, reserve_tokens=64)),
                                     ("full attention", "full", a.full_batch, None)]:
         cache = build_cache(model, rec, batch, method, st, reserve_tokens=64)
         try:
-            ctx = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if cuda else __import__("contextlib").nullcontext()
+            ctx = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if cuda else contextlib.nullcontext()
             with ctx:
-                plain = decode_speed(model, cache, batch, a.context, a.steps, warmup=3)
+                plain = thr.decode_speed(model, cache, batch, a.context, a.steps, warmup=3)
                 wall, busy, ops = profile_steps(model, cache, batch, a.steps)
         finally:
             cache.detach(); del cache
@@ -80,9 +84,13 @@ def main(argv=None):
         print(summary[-1]); print(tables[f"{key}_top_host"].head(12).to_string())
     tables["summary"] = pd.DataFrame(summary).round(3)
     print(tables["summary"].to_string())
-    save_report(a.out, tables=tables, meta=run_meta(Preset("gpu" if cuda else "tiny", needs_gpu=cuda), None,
-                                                     script="kernels/shadowkv_decode_profile.py", **vars(a)))
+    ok = all(math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 for r in summary)
+    return Measured(tables, ok=ok, meta=dict(mode="gpu" if cuda else "tiny", **{k: v for k, v in vars(a).items() if k not in ("out", "ab")}))
+
+
+def main(argv=None) -> int:
+    return lab_main(NAME, __doc__, measure, add_args, argv, needs_cuda=lambda a: not a.tiny)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,23 +1,21 @@
 """Kernel lab for tensorized attention (longctx_nb.tensorized), one command on one GPU:
 
-    PYTHONPATH=$PWD python kernels/tensorized_bench.py            # writes reports/kernels/tensorized/
+    python -m kernels.tensorized_bench [--out reports/kernels/tensorized_bench] [--ab COMMIT]
 
 1. correctness sweep: the Triton kernel in bfloat16 against the float32 reference (same rounded inputs), odd and non-power-of-two
    lengths, m = 1..3, GQA, causal and not, forward and the three gradients, kernel-written buffers poisoned with NaN;
 2. benchmark against torch SDPA (flash backend), causal, B=1, H=32, D=128, bf16, at L = 8k, 32k, 128k, 512k, 1M, forward and
    forward+backward: median ms, speedup, TFLOP/s, GB/s, fraction of the roofline floor, peak memory. SDPA runs while its predicted
    time fits the budget; beyond, its time is extrapolated from its measured quadratic trend and labelled so.
+Roofline floors use this GPU's row of `longctx_nb.core.PEAKS`. Exit status 1 when the sweep fails (bf16 error above BF16_TOL or a NaN).
 Budget: about 3-5 minutes on an H100 (most of it SDPA at 128k-512k and kernel compilation).
 """
-import argparse, math, sys, time
-from pathlib import Path
+import sys, time
+from kernels._lab import lab_main, Measured
+import pandas as pd
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import longctx_nb.core as core  # noqa: E402  (first: TRITON_INTERPRET on CPU-only machines)
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from longctx_nb.tensorized import correctness_sweep, benchmark_vs_sdpa, choose_factorization  # noqa: E402
-
+NAME = "tensorized_bench"
 GPU_CASES = (
     dict(B=1, H=8, Hkv=2, L=4099, D=128, shape=(17, 16, 16), causal=True),    # m=3, GQA 4:1, padded, odd fibre
     dict(B=2, H=4, Hkv=4, L=8192, D=64, shape=None, causal=True),             # default factorization (128 x 64), batch 2
@@ -42,27 +40,27 @@ def summarize(bench: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "reports" / "kernels" / "tensorized"))
+def add_args(ap):
     ap.add_argument("--lengths", default="8192,32768,131072,524288,1048576")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sdpa-budget-s", type=float, default=15.0, help="max seconds of SDPA timing per (L, mode)")
     ap.add_argument("--m", type=int, default=None, help="force the number of tensor dims (default: choose_factorization)")
     ap.add_argument("--no-sweep", action="store_true")
-    a = ap.parse_args(argv)
-    if not torch.cuda.is_available(): sys.exit("kernels/tensorized_bench.py needs a CUDA GPU (on CPU run the tests instead)")
+
+
+def measure(lib, a) -> Measured:
+    T, core = lib.tensorized, lib.core
     lengths = [int(x) for x in a.lengths.split(",")]
-    t0 = time.perf_counter(); tables = {}
+    tables, ok = {}, True
     if not a.no_sweep:
-        with core.Timer() as ts: sweep = correctness_sweep(GPU_CASES, dtype=torch.bfloat16)
+        with core.Timer() as ts: sweep = T.correctness_sweep(GPU_CASES, dtype=torch.bfloat16)
         sweep["pass"] = (sweep[["o", "dq", "dk", "dv"]].max(axis=1) < BF16_TOL) & ~sweep.nan
         print(sweep.to_string(index=False), f"\n[sweep] {ts.elapsed:.1f} s", flush=True)
-        tables["correctness_sweep"] = sweep
-    bench = benchmark_vs_sdpa(lengths, B=1, H=32, D=128, dtype=torch.bfloat16, modes=a.modes.split(","), reps=a.reps,
-                              sdpa_budget_s=a.sdpa_budget_s, shape_for=(lambda L: choose_factorization(L, a.m)) if a.m else None,
-                              log=lambda s: print(s, flush=True))
+        tables["correctness_sweep"] = sweep; ok = bool(sweep["pass"].all())
+    bench = T.benchmark_vs_sdpa(lengths, B=1, H=32, D=128, dtype=torch.bfloat16, modes=a.modes.split(","), reps=a.reps,
+                                sdpa_budget_s=a.sdpa_budget_s, shape_for=(lambda L: T.choose_factorization(L, a.m)) if a.m else None,
+                                log=lambda s: print(s, flush=True))
     tables["benchmark"] = bench
     try:
         tables["summary"] = summarize(bench); print(tables["summary"].to_string(index=False), flush=True)
@@ -79,13 +77,12 @@ def main(argv=None):
     ax[1].axhline(11, color="gray", ls=":", label="paper: 11x at 128k"); ax[1].set_xlabel("L"); ax[1].set_ylabel("speedup over SDPA")
     ax[1].legend(fontsize=7); fig.suptitle(f"{core.device_name()}: tensorized attention vs SDPA flash (B=1, H=32, D=128, bf16, causal)")
     plt.close(fig)
-    wall = time.perf_counter() - t0
-    meta = core.run_meta(None, wall, command="python kernels/tensorized_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                         roofline=bench.attrs.get("roofline"), bf16_tolerance=BF16_TOL, lengths=lengths)
-    out = core.save_report(a.out, tables=tables, figures={"benchmark": fig}, meta=meta)
-    print(f"[tensorized_bench] wrote {out} in {wall:.0f} s", flush=True)
-    if "correctness_sweep" in tables and not tables["correctness_sweep"]["pass"].all(): sys.exit("correctness sweep FAILED (see table)")
+    return Measured(tables, {"benchmark": fig}, ok, dict(roofline=bench.attrs.get("roofline"), bf16_tolerance=BF16_TOL, lengths=lengths))
+
+
+def main(argv=None) -> int:
+    return lab_main(NAME, __doc__, measure, add_args, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

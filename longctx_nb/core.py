@@ -148,12 +148,18 @@ def _nan_filled(fn):
         return t
     return poisoned
 
+def _warm_identity_tables():
+    "Build torch's lazily cached tables of constructors (`with torch.device(...)` finds them by identity) from the real functions."
+    import torch, torch.utils._device, torch.overrides
+    torch.utils._device._device_constructors(); torch.overrides.get_ignored_functions(); torch.overrides.get_overridable_functions()
+
 @contextlib.contextmanager
 def nan_poison():
     "Inside this block torch.empty / empty_like / empty_strided / Tensor.new_empty return NaN-filled floating tensors (nesting-safe)."
     import torch
     with _POISON_LOCK:
         if _POISON_STATE["depth"] == 0:
+            _warm_identity_tables()
             saved = dict(empty=torch.empty, empty_like=torch.empty_like, empty_strided=torch.empty_strided)
             _POISON_STATE["saved"] = (saved, torch.Tensor.new_empty)
             for name, fn in saved.items(): setattr(torch, name, _nan_filled(fn))

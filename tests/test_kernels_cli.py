@@ -1,0 +1,64 @@
+"""The kernel lab's shared command line (kernels/_lab.py): every script imports and shows --help on CPU, --out is anchored at the
+repo root, a failed check exits nonzero, and --ab loads another commit's package beside today's in one process."""
+import importlib, pkgutil, subprocess
+from pathlib import Path
+import pandas as pd
+import pytest
+import torch
+import kernels
+from kernels import _lab
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_"))
+
+
+def test_every_script_is_listed():
+    assert {"tensorized_bench", "shadowkv_keys_check", "shadowkv_lab", "shadowkv_decode_profile", "longppl_speed"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_imports_and_shows_help(name, capsys):
+    mod = importlib.import_module(f"kernels.{name}")
+    assert mod.NAME == name and callable(mod.main) and mod.__doc__
+    with pytest.raises(SystemExit) as e: mod.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m kernels.{name}" in out and "--out" in out and "--ab COMMIT" in out
+
+
+def test_out_is_anchored_at_the_repo_root(tmp_path):
+    assert _lab.out_path("reports/kernels/x") == REPO / "reports/kernels/x"
+    assert _lab.out_path(tmp_path) == tmp_path
+    assert _lab.parser("x", None).parse_args([]).out == "reports/kernels/x"
+
+
+def _fake_measure(ok):
+    return lambda lib, a: _lab.Measured({"t": pd.DataFrame(dict(x=[1.0], package=[lib.package]))}, ok=ok)
+
+
+@pytest.mark.parametrize("ok,code", [(True, 0), (False, 1)], ids=["passed", "failed"])
+def test_exit_status_follows_the_checks(ok, code, tmp_path):
+    assert _lab.lab_main("fake", None, _fake_measure(ok), argv=["--out", str(tmp_path / "r")], needs_cuda=False) == code
+    assert pd.read_csv(tmp_path / "r" / "t.csv").code.str.startswith("HEAD").all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is visible")
+def test_a_gpu_script_without_cuda_exits_2(tmp_path, capsys):
+    assert _lab.lab_main("fake", None, _fake_measure(True), argv=["--out", str(tmp_path / "r")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_peaks_come_from_core():
+    from longctx_nb.core import PEAKS
+    assert _lab.peaks_for(_lab.parser("x", None).parse_args(["--peaks", "H200"])) == PEAKS["H200"]
+
+
+@pytest.mark.skipif(subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode != 0,
+                    reason="needs the repo's git history (--ab archives another commit)")
+def test_ab_runs_another_commit_beside_today(tmp_path):
+    code = _lab.lab_main("fake", None, _fake_measure(True), argv=["--out", str(tmp_path / "r"), "--ab", "HEAD"], needs_cuda=False)
+    t = pd.read_csv(tmp_path / "r" / "t.csv")
+    assert code == 0 and t.package.tolist() == ["longctx_nb", "longctx_nb_ab"] and t.code.iloc[1].startswith("A/B")
+    ab = _lab.Lib("longctx_nb_ab")
+    assert ab.core.__name__ == "longctx_nb_ab.core" and ab.core.save_report is not importlib.import_module("longctx_nb.core").save_report
+    with pytest.raises(AttributeError, match="none of"): ab.get("no_such_name", "core")

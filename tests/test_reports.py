@@ -1,0 +1,428 @@
+"""Checks on what the smoke reproduction wrote (LONGCTX_REPORTS, default reports/): one entry per notebook.
+
+`EXPECTED` lists each notebook's artifacts: tables (a .csv and a .md each), csv-only files, figures with a minimum size, other files.
+Generic tests check those for every notebook (plus its meta.json and its place in the reports index); the functions registered
+with `@check(notebook)` below hold what each table must say (expected rows, finite numbers in sane ranges)."""
+import importlib.util, json
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import report_dir
+
+EXPECTED = {
+    "00_core": dict(tables=["environment"]),
+    "01_data": dict(tables=["corpora"]),
+    "02_models": dict(tables=["ppl_by_position", "attention_hook_check", "load_times"], figures={"ppl_by_position": 1000}),
+    "03_kvcache": dict(tables=[]),
+    "04_evals": dict(tables=[]),
+    "10_tensorized_attention": dict(tables=["correctness_sweep", "formulation_checks", "benchmark", "factorizations", "paper_vs_ours"],
+                                    figures={"benchmark": 1000, "support_4x4x4": 1000}),
+    "11_tensorized_models": dict(tables=["perplexity", "forward_ms", "results", "training", "rope_checks", "integration_checks",
+                                         "layout_growth", "paper_vs_ours"], figures={"perplexity_vs_length": 1000}),
+    "20_retrieval_heads": dict(tables=["top_heads", "niah_trials", "niah_masking", "niah_recall", "f1", "heads_per_variant", "train_log",
+                                       "data", "task_masking", "patching", "correlations", "phases", "paper_vs_ours"],
+                               figures={f: 1000 for f in ("head_scores_base", "niah_masking", "train_loss", "head_scores_variants",
+                                                          "similarity_vs_f1", "task_masking", "patching")},
+                               files=["head_scores_base.json"]),
+    "30_graphlss": dict(tables=["rouge", "ablations", "paired_differences", "rouge_per_seed", "class_weight_history", "graphs", "speed",
+                                "paper_vs_ours"], figures={"class_weight": 5000}),
+    "40_longppl": dict(tables=["key_tokens", "demo_key_tokens", "longce_vs_ce", "training", "variants", "correlation", "paper_vs_ours",
+                               "agreement_with_official"], figures={"longce_vs_ce": 5000, "correlation": 5000}),
+    "50_shadowkv": dict(tables=["accuracy", "accuracy_by_context", "layouts", "rank_error", "attention_mass", "kernel_check", "paper_vs_ours"],
+                        csv_only=["generations"], figures={"accuracy_vs_budget": 5000, "rank_error": 5000}),
+    "51_shadowkv_throughput": dict(tables=["bandwidths", "memory_model", "pinned_rounding", "throughput", "headline", "fp8_accuracy",
+                                           "paper_vs_ours"], figures={"throughput_vs_batch": 5000}),
+}
+NOTEBOOKS = list(EXPECTED)
+CHECKS = {}
+
+
+def check(notebook):
+    "Register a check on `notebook`'s smoke report: a function of its report folder."
+    def register(fn):
+        CHECKS[f"{notebook}::{fn.__name__}"] = (notebook, fn); return fn
+    return register
+
+
+def read(d: Path, name: str) -> pd.DataFrame: return pd.read_csv(d / f"{name}.csv")
+def meta_of(d: Path) -> dict: return json.loads((d / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------- generic: every notebook
+def test_every_notebook_has_an_entry():
+    nbs = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "nbs").glob("[0-9][0-9]_*.ipynb"))
+    assert nbs == sorted(EXPECTED), f"EXPECTED in tests/test_reports.py must list exactly the notebooks in nbs/: {nbs}"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_meta(nb, smoke_reports):
+    meta = meta_of(report_dir(smoke_reports, nb))
+    assert meta["versions"]["torch"] and meta["device"] and meta["preset"]["name"] == "smoke" and meta["wall_s"] is not None
+    assert meta["wall_s"] >= 0 and meta["git_sha"]
+    assert f"{nb}/smoke" in (smoke_reports / "README.md").read_text()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_artifacts(nb, smoke_reports):
+    d, e = report_dir(smoke_reports, nb), EXPECTED[nb]
+    for name in e.get("tables", []):
+        assert (d / f"{name}.csv").exists() and (d / f"{name}.md").exists(), name
+        assert len(read(d, name)) > 0, f"{name}.csv has no rows"
+    for name in e.get("csv_only", []): assert (d / f"{name}.csv").exists(), name
+    for fig, size in e.get("figures", {}).items(): assert (d / f"{fig}.png").stat().st_size > size, fig
+    for f in e.get("files", []): assert (d / f).exists(), f
+    pvo = d / "paper_vs_ours.csv"
+    if pvo.exists(): assert list(read(d, "paper_vs_ours").columns) == ["claim", "paper", "ours", "setting_difference"]
+
+
+# ---------------------------------------------------------------- 00-02: the foundation
+@check("00_core")
+def environment(d):
+    env = read(d, "environment").set_index("key").value
+    assert {"python", "torch", "triton", "device", "triton_interpreter"} <= set(env.index) and env["torch"]
+
+
+@check("01_data")
+def corpora_table(d):
+    t = read(d, "corpora")
+    assert set(t.corpus) == {"austen", "aclsum", "stdlib"} and len(t) == 9
+    assert (t.docs > 0).all() and (t.tokens > 1000).all()
+    assert t.set_index(["corpus", "split"]).loc[("aclsum", "train"), "docs"] == 100
+
+
+@check("02_models")
+def ppl_by_position_is_sane(d):
+    t = read(d, "ppl_by_position")
+    assert t.positions.tolist() == ["0k-1k", "1k-2k", "2k-4k", "4k-8k"]
+    assert np.isfinite(t.ppl).all() and (t.ppl > 2).all() and (t.ppl < 200).all()
+    assert (d / "ppl_by_position.png").stat().st_size > 1000
+    hook = read(d, "attention_hook_check")
+    assert (hook.max_abs_diff < 1e-4).all()
+
+
+# ---------------------------------------------------------------- 10-11: tensorized attention
+@check("10_tensorized_attention")
+def tensorized_smoke_reports(d):
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0
+    sweep = read(d, "correctness_sweep")
+    assert len(sweep) == 4 and not sweep.nan.any()
+    errs = sweep[["o", "dq", "dk", "dv"]].to_numpy()
+    assert np.isfinite(errs).all() and (errs < 1e-4).all()
+    checks = read(d, "formulation_checks").set_index("check")
+    assert (checks.max_abs_err < 1e-5).all() and checks.loc["causality: max |grad| to future positions", "max_abs_err"] == 0.0
+    bench = read(d, "benchmark")
+    assert len(bench) >= 2 and np.isfinite(bench[["ours_ms", "sdpa_ms", "speedup"]].to_numpy()).all() and (bench.ours_ms > 0).all()
+    pvo = read(d, "paper_vs_ours")
+    assert list(pvo.columns) == ["claim", "paper", "ours", "setting_difference"] and len(pvo) == 2 and pvo.paper.iloc[0] == 11
+    assert (d / "benchmark.png").stat().st_size > 1000 and (d / "support_4x4x4.png").stat().st_size > 1000
+
+
+TM_MODELS = ["SmolLM2 (untouched)", "SmolLM2 + PI x4", "SmolLM2 + YaRN x4", "full attention, CPT", "tensorized, zero-shot", "tensorized, CPT"]
+
+
+@check("11_tensorized_models")
+def tensorized_models_smoke_reports(d):
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and meta["layout"]["grow"] == "outer"
+    lengths = meta["preset"]["eval_lengths"]
+    for name in ("perplexity", "forward_ms"):
+        t = read(d, name).set_index("model")
+        assert list(t.index) == TM_MODELS and [int(c) for c in t.columns] == lengths
+        vals = t.to_numpy(dtype=float)
+        assert np.isfinite(vals).all() and (vals > (1 if name == "perplexity" else 0)).all()
+    ppl = read(d, "perplexity").set_index("model")
+    assert (ppl.to_numpy() < 1e5).all()                                   # a broken model gives ~vocab size (49152) or inf
+    res = read(d, "results")
+    assert len(res) == len(TM_MODELS) * len(lengths) and (res.tokens > 0).all()
+    train = read(d, "training")
+    assert list(train.model) == ["full attention, CPT", "tensorized, CPT"] and np.isfinite(train[["first_loss", "last_loss"]].to_numpy()).all()
+    assert (read(d, "rope_checks").max_abs_err < 1e-10).all()
+    integ = read(d, "integration_checks").set_index("check").value
+    assert integ.iloc[0] < 1e-3 and integ.iloc[1] == 0 and integ.iloc[2] < 1e-4 and integ.iloc[3] == 1
+    pvo = read(d, "paper_vs_ours")
+    assert list(pvo.columns) == ["claim", "paper", "ours", "setting_difference"] and len(pvo) == 4
+    assert pvo.paper.iloc[0] == 4 and pvo.paper.iloc[2] == 11 and np.isfinite(pvo.ours.to_numpy(dtype=float)).all()
+    assert (pvo.ours.iloc[:2] >= 1).all() and (d / "perplexity_vs_length.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- 20: retrieval heads
+RH_TASKS = ["mdqa", "musique", "summhay"]
+
+
+@check("20_retrieval_heads")
+def meta_and_files(d):
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and meta["tokens_per_variant"] > 0
+    for fig in ("head_scores_base", "niah_masking", "train_loss", "head_scores_variants", "similarity_vs_f1", "task_masking", "patching"):
+        assert (d / f"{fig}.png").stat().st_size > 1000, fig
+
+
+@check("20_retrieval_heads")
+def head_score_json_has_every_head_in_the_original_format(d):
+    scores = json.loads((d / "head_scores_base.json").read_text())
+    assert len(scores) == 30 * 9 and set(scores) == {f"{l}-{h}" for l in range(30) for h in range(9)}
+    lengths = {len(v) for v in scores.values()}
+    assert len(lengths) == 1  # one entry per counted trial, for every head
+    assert all(0.0 <= x <= 1.0 + 1e-9 for v in scores.values() for x in v)
+    top = read(d, "top_heads")
+    assert len(top) == 20 and top.score.is_monotonic_decreasing and (top.layer.between(0, 29)).all()
+    if lengths != {0}:
+        mean = {k: np.mean(v) for k, v in scores.items()}
+        assert abs(max(mean.values()) - top.score.iloc[0]) < 1e-6
+
+
+@check("20_retrieval_heads")
+def detection_trials_and_masking(d):
+    trials = read(d, "niah_trials")
+    assert len(trials) >= 1 and trials.recall.between(0, 1).all() and set(trials.haystack) <= {"austen", "aclsum"}
+    assert (trials.prompt_tokens == trials.context_len).mean() > 0.5
+    m = read(d, "niah_masking")
+    assert set(m.mask_mode) == {"none", "uniform", "zero"} and set(m.heads) == {"none", "top", "random"}
+    assert m.recall.between(0, 1).all()
+
+
+@check("20_retrieval_heads")
+def tables_of_the_fine_tuning_experiment(d):
+    f1 = read(d, "f1")
+    assert f1.variant.iloc[0] == "base" and "real" in set(f1.variant) and len(f1) >= 3
+    assert ((f1[RH_TASKS] >= 0) & (f1[RH_TASKS] <= 1)).all().all() and np.isfinite(f1[RH_TASKS].to_numpy()).all()
+    heads = read(d, "heads_per_variant")
+    assert list(heads.variant) == list(f1.variant)
+    real = heads.set_index("variant").loc["real"]
+    assert real.recall_of_real_heads == 1.0 or real.retrieval_heads == 0
+    assert heads.retrieval_heads.between(0, 270).all() and heads.common_with_real.le(heads.retrieval_heads).all()
+    log = read(d, "train_log")
+    assert set(log.variant) == set(f1.variant) - {"base"} and np.isfinite(log.last_loss).all() and (log.last_loss > 0).all()
+    data = read(d, "data")
+    assert set(data.task) == set(RH_TASKS) and (data.mean_answer_tokens > 0).all()
+    tm = read(d, "task_masking")
+    assert set(tm.heads) == {"none", "top", "random"} and ((tm[RH_TASKS] >= 0) & (tm[RH_TASKS] <= 1)).all().all()
+    patch = read(d, "patching")
+    assert len(patch) >= 1 and (patch.intersection_heads >= 0).all()
+    corr = read(d, "correlations")
+    assert set(corr.similarity) == {"cosine_with_real", "recall_of_real_heads"}
+    assert corr.pearson_r.dropna().between(-1 - 1e-9, 1 + 1e-9).all()
+
+
+@check("20_retrieval_heads")
+def retrieval_heads_paper_vs_ours(d):
+    pvo = read(d, "paper_vs_ours")
+    assert len(pvo) == 7 and pvo.ours.notna().all() and pvo.setting_difference.str.len().gt(10).all()
+    assert pvo.paper.str.contains("0.83").any() and pvo.paper.str.contains("0.81").any()
+
+
+# ---------------------------------------------------------------- 30: GraphLSS
+EDGE_TYPES = ("order", "similarity", "word_in_sentence", "word_similarity")
+
+
+@check("30_graphlss")
+def rouge_table(d):
+    t = read(d, "rouge").set_index("method")
+    assert list(t.index) == ["Oracle", "Lead", "TextRank", "MLP (no graph)", "GraphLSS"]
+    cols = [f"{k}_{m}" for k in ("rouge1", "rouge2", "rougeLsum") for m in "prf"]
+    v = t[cols].to_numpy(dtype=float)
+    assert np.isfinite(v).all() and (v >= 0).all() and (v <= 100).all()
+    assert (t.rouge1_f >= t.rouge2_f).all() and (t.rougeLsum_f <= t.rouge1_f + 1e-6).all()
+    assert t.loc["Oracle", "rouge1_f"] == t.rouge1_f.max() and t.loc["Oracle", "rouge1_f"] > 40
+    assert t.loc["GraphLSS", "seeds"] >= 2 and t.loc["Lead", "seeds"] == 1 and (t[[c for c in t.columns if c.endswith("_sd")]] >= 0).all().all()
+
+
+@check("30_graphlss")
+def ablations_and_per_seed(d):
+    a = read(d, "ablations")
+    assert a.method.tolist() == ["GraphLSS"] + [f"GraphLSS - {e}" for e in EDGE_TYPES]
+    assert a.delta_rouge1_f.iloc[0] == 0 and np.isfinite(a[["rouge1_f", "rouge2_f", "rougeLsum_f"]].to_numpy()).all()
+    pr = read(d, "paired_differences")
+    assert pr.comparison.tolist() == ["GraphLSS minus MLP (no graph)"] + [f"GraphLSS - {e} minus GraphLSS" for e in EDGE_TYPES]
+    assert (pr.seeds >= 2).all() and ((pr.seeds_where_positive >= 0) & (pr.seeds_where_positive <= pr.seeds)).all()
+    s = read(d, "rouge_per_seed")
+    assert set(s.method) == {"Oracle", "Lead", "TextRank", "MLP (no graph)", "GraphLSS", *[f"GraphLSS - {e}" for e in EDGE_TYPES]}
+
+
+@check("30_graphlss")
+def class_weight_history_and_figure(d):
+    h = read(d, "class_weight_history")
+    for (m, seed), g in h.groupby(["method", "seed"]):
+        assert g.epoch.tolist() == list(range(1, len(g) + 1))
+        assert g.class_weight.is_monotonic_decreasing and (g.class_weight >= 1).all()
+        assert ((g.tau >= 0) & (g.tau <= 1)).all() and np.isfinite(g.train_loss).all()
+    assert (d / "class_weight.png").stat().st_size > 5000
+
+
+@check("30_graphlss")
+def graphs_speed_meta_claims(d):
+    g = read(d, "graphs")
+    assert g.split.tolist() == ["train", "validation", "test"] and (g.n_sentences > 5).all() and (g.e_order > 0).all() and (g.n_words > 0).all()
+    sp = read(d, "speed")
+    assert sp.what.str.startswith("graph construction").any() and sp.what.str.contains("training per epoch, GraphLSS").any()
+    assert (sp["mean"] > 0).all() and np.isfinite(sp[["mean", "median", "max"]].to_numpy()).all()
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["graph_settings"]["sim_threshold"] == 0.7 and meta["corpus"] == "aclsum"
+    c = read(d, "paper_vs_ours")
+    assert len(c) == 7 and set(c.paper.iloc[:6].astype(float)) == {63.57, 36.91, 55.32, 55.14, 23.0, 50.83}
+    assert np.isfinite(c.ours.astype(float)).all()
+
+
+# ---------------------------------------------------------------- 40: LongPPL / LongCE
+@check("40_longppl")
+def longppl_meta_and_files(d):
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and "YaRN" in meta["evaluator"]
+    for f in ("longce_vs_ce.png", "correlation.png"):
+        assert (d / f).stat().st_size > 5000
+
+
+@check("40_longppl")
+def key_tokens_found_on_the_evaluation_texts(d):
+    k = read(d, "key_tokens")
+    assert (k.tokens > 0).all() and (k.key_tokens >= 1).all() and ((k.key_fraction > 0) & (k.key_fraction < 0.5)).all()
+    demo = read(d, "demo_key_tokens")
+    assert len(demo) > 0 and (demo.LSD > 2).all() and (demo.nll_full < 2).all() and (demo.position >= 64).all()
+
+
+@check("40_longppl")
+def longce_vs_ce_table(d):
+    t = read(d, "longce_vs_ce")
+    meta = meta_of(d)
+    lengths = meta["preset"]["eval_lengths"]
+    assert set(t.variant) == {"YaRN x4", "CE (YaRN x4)", "LongCE (YaRN x4)"} and len(t) == 3 * len(lengths)
+    assert (t[t.variant != "YaRN x4"].seeds == len(meta["preset"]["seeds"])).all()
+    assert np.isfinite(t.ppl).all() and (t.ppl > 1).all() and (t.ppl < 1e4).all() and t.accuracy.between(0, 1).all()
+    assert (t.longppl.dropna() >= 1).all()
+
+
+@check("40_longppl")
+def training_ran_both_losses_for_every_seed(d):
+    tr = read(d, "training")
+    assert sorted(tr.method.unique()) == ["CE", "LongCE"] and len(tr) == 2 * tr.seed.nunique()
+    assert np.isfinite(tr.last_loss).all() and (tr.last_loss < 15).all()
+    lce = tr[tr.method == "LongCE"]
+    assert (lce.mean_weight >= 0).all() and (lce.mean_weight <= 5).all() and lce.frac_weight_up.between(0, 1).all()
+
+
+@check("40_longppl")
+def variants_and_correlation(d):
+    v = read(d, "variants")
+    assert len(v) >= 8 and v.label.is_unique and np.isfinite(v.ppl).all() and v.accuracy.between(0, 1).all()
+    assert {"RoPE scaling, no training", "context cut", "fine-tuned", "as released"} <= set(v.kind)
+    c = read(d, "correlation")
+    assert c.metric.tolist() == ["ppl", "longppl"] and (c.pearson_r.dropna().abs() <= 1 + 1e-9).all()
+    assert c.set_index("metric").loc["ppl", "variants"] == len(v)
+
+
+@check("40_longppl")
+def longppl_paper_vs_ours_and_agreement(d):
+    p = read(d, "paper_vs_ours")
+    assert len(p) == 4 and p.claim.str.contains("LongPPL").any() and p.setting_difference.notna().all()
+    a = read(d, "agreement_with_official")
+    if importlib.util.find_spec("longppl") is None:  # the run and this check share one environment
+        assert a.quantity.tolist() == ["longppl not installed"]
+    else:
+        assert len(a) == 3 and (a.rel_diff < 1e-4).all()
+
+
+# ---------------------------------------------------------------- 50-51: ShadowKV
+RULER_COLUMNS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "qa"]
+
+
+@check("50_shadowkv")
+def shadowkv_meta_and_files(d):
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0
+    assert 8 <= meta["rank"] <= meta["key_width"] == 192
+    assert meta["exact_logit_diff"] < 1e-3
+    for name in ("accuracy", "accuracy_by_context", "layouts", "rank_error", "attention_mass", "kernel_check", "paper_vs_ours"):
+        assert (d / f"{name}.csv").exists() and (d / f"{name}.md").exists(), name
+    for fig in ("accuracy_vs_budget", "rank_error"):
+        assert (d / f"{fig}.png").stat().st_size > 5000, fig
+    assert (d / "generations.csv").exists()
+
+
+@check("50_shadowkv")
+def accuracy_table(d):
+    meta = meta_of(d)
+    acc = read(d, "accuracy")
+    tasks = RULER_COLUMNS
+    assert list(acc.columns) == ["method", "budget_pct", *tasks, "average"]
+    expected = {("full", 100.0)} | {("shadowkv", round(100 * b, 2)) for b in meta["preset"]["budgets"]} | {
+        (m, round(100 * b, 2)) for b in meta["preset"]["baseline_budgets"] for m in ("streaming", "quest", "snapkv")}
+    assert set(zip(acc.method, acc.budget_pct)) == expected
+    vals = acc[tasks + ["average"]].to_numpy()
+    assert np.isfinite(vals).all() and (vals >= 0).all() and (vals <= 100).all()
+    # the needle tasks are within reach of full attention at the smoke length
+    full = acc[acc.method == "full"].iloc[0]
+    assert full[["niah_single", "niah_multikey"]].mean() > 0
+    gens = read(d, "generations")
+    assert len(gens) == len(expected) * len(tasks) * meta["preset"]["samples_per_task"] * len(meta["preset"]["contexts"])
+    sk = gens[gens.method == "shadowkv"]
+    assert ((sk.hit_rate >= 0) & (sk.hit_rate <= 1)).all() and (sk.attended_tokens < sk.context).all()
+
+
+@check("50_shadowkv")
+def rank_kernel_and_selection_evidence(d):
+    r = read(d, "rank_error")
+    pre = r["pre-RoPE keys (mean)"].to_numpy()
+    assert (np.diff(pre) <= 1e-6).all() and pre[-1] < 1e-5 and pre[0] > 0.05
+    assert (r["pre-RoPE keys (mean)"] <= r["post-RoPE keys (mean)"] + 1e-6).all()
+    k = read(d, "kernel_check")
+    assert k.same_nan.all() and (k.max_rel < 1e-4).all()
+    m = read(d, "attention_mass")
+    assert len(m) == 30 and (m.shadowkv <= 1 + 1e-6).all() and m.shadowkv.mean() > m.attended.mean()
+    claims = read(d, "paper_vs_ours")
+    assert len(claims) == 4 and claims.setting_difference.notna().all()
+
+
+@check("51_shadowkv_throughput")
+def throughput_meta_and_files(d):
+    meta = meta_of(d)
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0
+    for name in ("bandwidths", "memory_model", "pinned_rounding", "throughput", "headline", "fp8_accuracy", "paper_vs_ours"):
+        assert (d / f"{name}.csv").exists() and (d / f"{name}.md").exists(), name
+    assert (d / "throughput_vs_batch.png").stat().st_size > 5000
+    assert 0 <= meta["fp8_same_predictions"] <= 1
+
+
+@check("51_shadowkv_throughput")
+def throughput_rows(d):
+    meta = meta_of(d)
+    t = read(d, "throughput")
+    ok = t[t.status == "ok"]
+    assert set(ok.context) == set(meta["preset"]["contexts"])
+    assert {"full", "ShadowKV", "ShadowKV fp8"} <= set(ok.method)
+    assert np.isfinite(ok.tok_s).all() and (ok.tok_s > 0).all() and (ok.ms_per_step > 0).all()
+    skv = ok[ok.method.str.startswith("ShadowKV")]
+    assert skv.hit_rate.between(0, 1).all()
+    # fp8 values hold half the host bytes of bf16/fp32 ones at the same context (1 byte per value vs 2 or 4)
+    for S, g in skv.groupby("context"):
+        bf, f8 = g[g.method == "ShadowKV"].host_GB_per_seq.iloc[0], g[g.method == "ShadowKV fp8"].host_GB_per_seq.iloc[0]
+        assert f8 < bf and f8 > 0
+    assert set(ok.inputs) == {"random", "repeat"}
+
+
+@check("51_shadowkv_throughput")
+def memory_model_and_caps(d):
+    m = read(d, "memory_model")
+    assert (m.cap <= m.gpu_cap).all() and (m.cap <= m.host_cap).all() and (m.cap >= 0).all()
+    full = m[m.method == "full attention"].set_index("context")
+    skv = m[m.method == "ShadowKV"].set_index("context")
+    assert (skv.gpu_GB_per_seq < full.gpu_GB_per_seq).all()          # the point of ShadowKV: less GPU memory per sequence
+    r = read(d, "pinned_rounding")
+    assert (r.host_cap_pow2_rounded <= r.host_cap_exact).all()
+
+
+@check("51_shadowkv_throughput")
+def fp8_accuracy_table(d):
+    acc = read(d, "fp8_accuracy")
+    assert set(acc.method) == {"full", "ShadowKV", "ShadowKV fp8"}
+    assert acc.average.between(0, 100).all()
+    pvo = read(d, "paper_vs_ours")
+    assert list(pvo.columns) == ["claim", "paper", "ours", "setting_difference"] and len(pvo) >= 5
+
+
+# ---------------------------------------------------------------- every registered check (defined last: CHECKS is full here)
+@pytest.mark.parametrize("key", list(CHECKS) or ["none"])
+def test_report(key, smoke_reports):
+    nb, fn = CHECKS[key]
+    fn(report_dir(smoke_reports, nb))
