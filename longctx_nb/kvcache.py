@@ -168,25 +168,27 @@ class HookedKVLayer(CacheLayerMixin):
     def compress(self, rec: PrefillRecord): raise NotImplementedError(f"{type(self).__name__} must implement compress(rec)")
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement decode_attention(query, scaling)")
+    def get_seq_length(self) -> int: return self.seq_len
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]: return self.seq_len + query_length, 0
+    def get_max_length(self) -> int: return -1
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized: self.lazy_initialization(key_states, value_states)
+        L = key_states.shape[-2]
+        if self.state is LayerState.EMPTY:
+            self.state, self.seq_len = LayerState.PREFILL, L
+            return key_states, value_states
+        if self.state is LayerState.PREFILL:
+            raise RuntimeError(f"layer {self.layer_idx} was updated twice without its attention hook running: is this cache "
+                               f"attached to the model it is used with? (construct it with the model, or call cache.attach(model))")
+        self.seq_len += L
+        if self.state is LayerState.EXACT:
+            self.keys = torch.cat([self.keys, key_states], -2); self.values = torch.cat([self.values, value_states], -2)
+            return self.keys, self.values
+        self.buf.append(key_states, value_states); self.fresh = True
+        return key_states, value_states
 
 # %% ../nbs/03_kvcache.ipynb #97c00c9b
-@patch
-def update(self: HookedKVLayer, key_states, value_states, *args, **kwargs):
-    if not self.is_initialized: self.lazy_initialization(key_states, value_states)
-    L = key_states.shape[-2]
-    if self.state is LayerState.EMPTY:
-        self.state, self.seq_len = LayerState.PREFILL, L
-        return key_states, value_states
-    if self.state is LayerState.PREFILL:
-        raise RuntimeError(f"layer {self.layer_idx} was updated twice without its attention hook running: is this cache "
-                           f"attached to the model it is used with? (construct it with the model, or call cache.attach(model))")
-    self.seq_len += L
-    if self.state is LayerState.EXACT:
-        self.keys = torch.cat([self.keys, key_states], -2); self.values = torch.cat([self.values, value_states], -2)
-        return self.keys, self.values
-    self.buf.append(key_states, value_states); self.fresh = True
-    return key_states, value_states
-
 @patch
 def finish_prefill(self: HookedKVLayer, rec: PrefillRecord):
     S = rec.keys.shape[-2]
@@ -198,12 +200,6 @@ def finish_prefill(self: HookedKVLayer, rec: PrefillRecord):
         self.compress(rec); self.state = LayerState.COMPRESSED
 
 # %% ../nbs/03_kvcache.ipynb #73a5baae
-@patch
-def get_seq_length(self: HookedKVLayer) -> int: return self.seq_len
-@patch
-def get_mask_sizes(self: HookedKVLayer, query_length: int) -> tuple[int, int]: return self.seq_len + query_length, 0
-@patch
-def get_max_length(self: HookedKVLayer) -> int: return -1
 @patch
 def reset(self: HookedKVLayer): self._clear()
 @patch

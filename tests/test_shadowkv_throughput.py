@@ -4,7 +4,7 @@ import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
 from longctx_nb.shadowkv import ShadowKVConfig, shadowkv_layout
-from longctx_nb.shadowkv_throughput import (llama_config, random_llama, footprint, batch_caps, synthetic_prefill, build_cache,
+from longctx_nb.shadowkv_throughput import (llama_config, random_llama, footprint, batch_caps, synthetic_prefill, constructed_cache,
                                             decode_speed, equivalent_bandwidth, predicted_step_ms, LLAMA3_8B)
 
 TOY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -26,7 +26,7 @@ def test_footprint_is_what_a_built_cache_holds(toy, method, kw):
     S, B = 520, 3                                                     # not a multiple of the chunk size
     st = ShadowKVConfig(budget=48, rank=12, min_prefill=64, reserve_tokens=5, **kw) if method == "shadowkv" else None
     rec = synthetic_prefill(toy, S, rank=12)
-    cache = build_cache(toy, rec, B, method, st, reserve_tokens=5)
+    cache = constructed_cache(toy, rec, B, method, st, reserve_tokens=5)
     try:
         fp = footprint(toy.config, S, method, st, dtype_bytes=4, reserve_tokens=5)
         assert cache.gpu_bytes() == B * fp["gpu"] and cache.host_bytes() == B * fp["host"]

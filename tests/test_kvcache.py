@@ -1,0 +1,409 @@
+"KV-cache framework (longctx_nb.kvcache): the layer contract and its states, the shared prefill, the wiring, every method class, bad inputs."
+import gc
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar
+import pytest
+import torch
+import longctx_nb.core  # noqa: F401  (before triton)
+from helpers import tiny_llama_config
+from longctx_nb.kvcache import (
+    LayerState, PrefillRecord, TokenBuffer, attend, valid_from_mask, positions_from_mask, host_empty, HookedKVLayer, HookedKVCache,
+    PrefillRecorder, record_prefill, record_window, KVMethod, BudgetedKV, KeptTokensLayer, ScoredEviction, FullKV, StreamingLLM,
+    QuestPages, QuestLayer, SnapKV, H2O)
+
+METHODS = [StreamingLLM, QuestPages, SnapKV, H2O]
+GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture
+def tiny():
+    from helpers import tiny_llama
+    return tiny_llama(num_hidden_layers=2, max_position_embeddings=1024)
+
+
+def _ids(n, b=2, seed=0):
+    return torch.randint(1, 128, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _random_records(cfg, B, S, seed=0, queries=None):
+    "Weightless records: random post-RoPE keys and values, and (when `queries`) that many last queries."
+    g = torch.Generator().manual_seed(seed)
+    Hkv, H, D = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    return [PrefillRecord(keys=torch.randn(B, Hkv, S, D, generator=g), values=torch.randn(B, Hkv, S, D, generator=g),
+                          positions=torch.arange(S).expand(B, S),
+                          queries=None if queries is None else torch.randn(B, H, queries, D, generator=g))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+def _kept(cache, layer=0):
+    "Which prompt tokens (indices into the record) a kept-tokens layer holds, per (b, h): matched by key rows."
+    return cache.layers[layer].buf.k[:, :, :cache.layers[layer].buf.prefix]
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_valid_from_mask():
+    m = torch.ones(2, 1, 4, 6, dtype=torch.bool); m[1, :, :, :2] = False
+    assert valid_from_mask(m, 2, 6).tolist() == [[True] * 6, [False, False] + [True] * 4]
+    assert valid_from_mask(torch.ones(2, 1, 4, 6, dtype=torch.bool), 2, 6) is None
+    assert valid_from_mask(None, 2, 6) is None
+    m[0, :, :, -1] = False
+    with pytest.raises(ValueError, match="left padding"): valid_from_mask(m, 2, 6)
+
+
+def test_positions_from_mask():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+
+
+def test_attend_is_causal_gqa_attention_with_padding():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 2, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    valid = torch.tensor([[[False, True, True, True, True]] * 2])
+    out = attend(q, k, v, 8 ** -0.5, valid)
+    assert out.shape == (1, 2, 4, 8)
+    for h in range(4):
+        kh = h // 2
+        for l, n in ((0, 4), (1, 5)):                                        # query l sees keys 1 .. n-1 (padding out, causal)
+            s = (q[0, h, l] @ k[0, kh, 1:n].T * 8 ** -0.5).softmax(-1)
+            torch.testing.assert_close(out[0, l, h], s @ v[0, kh, 1:n], rtol=1e-5, atol=1e-5)
+
+
+def test_token_buffer_grows_the_decode_region_only():
+    buf = TokenBuffer(torch.zeros(1, 1, 1000, 4), torch.zeros(1, 1, 1000, 4), extra=8)
+    assert buf.k.shape[2] == 1008
+    for _ in range(9): buf.append(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4))
+    assert buf.len == 1009 and 1009 <= buf.k.shape[2] <= 1008 + 256 and buf.k[0, 0, 1000:1009].eq(1).all()
+    k, v, valid = buf.view()
+    assert k.shape[2] == 1009 and valid is None
+
+
+def test_host_empty_is_exact():
+    t = host_empty((3, 5, 7), torch.bfloat16)
+    assert t.shape == (3, 5, 7) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+    assert t.untyped_storage().nbytes() == 3 * 5 * 7 * 2
+    assert host_empty((0, 4), torch.float32).numel() == 0
+    assert host_empty((2, 2), torch.float32, fill=lambda x: x.fill_(3)).eq(3).all()
+
+
+# ---------------------------------------------------------------- the layer contract, the cache, the wiring
+
+def test_states_through_a_prefill_and_the_short_prefill_fallback(tiny):
+    ids = _ids(40)
+    cache = SnapKV(budget=16).make_cache(tiny)
+    assert all(l.state is LayerState.EMPTY for l in cache.layers)
+    with torch.no_grad(): tiny.generate(ids, **GEN, past_key_values=cache)
+    assert all(l.state is LayerState.COMPRESSED for l in cache.layers) and cache.get_seq_length() == 40 + 5
+    cache.detach()
+    with torch.no_grad():
+        ref = tiny.generate(ids, **GEN)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with SnapKV(budget=16, min_prefill=64).make_cache(tiny) as cache: out = tiny.generate(ids, **GEN, past_key_values=cache)
+    assert len([x for x in w if "min_prefill" in str(x.message)]) == 1 and torch.equal(out, ref)
+    assert all(l.state is LayerState.EXACT for l in cache.layers)
+    assert SnapKV(budget=16, min_prefill=64).attended_tokens(40) == 40
+
+
+def test_a_layer_without_compress_says_what_is_missing():
+    cfg = tiny_llama_config()
+    cache = HookedKVCache(model_config=cfg)
+    with pytest.raises(NotImplementedError, match="compress"): cache.load_prefill(_random_records(cfg, 1, 8))
+
+
+def test_record_prefill_is_the_exact_forward_and_keeps_what_methods_read(tiny):
+    ids = _ids(50)
+    with torch.no_grad():
+        logits, recs = record_prefill(tiny, ids)
+        _, all_q = record_prefill(tiny, ids, window=None)
+        torch.testing.assert_close(logits, tiny(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert len(recs) == 2 and recs[0].queries.shape == (2, 4, 32, 16) and all_q[0].queries.shape == (2, 4, 50, 16)
+    assert recs[0].k_pre.shape == (2, 50, 32) and recs[0].valid is None and tiny.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="window"): PrefillRecorder(tiny, window=0)
+
+
+def test_record_then_load_equals_online(tiny):
+    from longctx_nb.shadowkv import greedy_continue
+    ids = _ids(120)
+    for method in (SnapKV(budget=24), QuestPages(budget=32), H2O(budget=24)):
+        with torch.no_grad():
+            with method.make_cache(tiny) as c: online = tiny.generate(ids, **GEN, past_key_values=c)[:, 120:]
+            logits, recs = record_prefill(tiny, ids, window=record_window([method]))
+            with method.make_cache(tiny) as c:
+                c.load_prefill(recs)
+                offline = greedy_continue(tiny, c, logits.argmax(-1), GEN["max_new_tokens"])
+        assert torch.equal(online, offline), method.label
+
+
+def test_detach_and_garbage_collection_restore_the_model(tiny):
+    ids = _ids(50)
+    with torch.no_grad():
+        ref = tiny(ids).logits
+        cache = FullKV().make_cache(tiny)
+        assert tiny.config._attn_implementation == "longctx"
+        del cache                                                                 # hooks hold weak references only
+        torch.testing.assert_close(tiny(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        FullKV().make_cache(tiny).detach()
+        assert tiny.config._attn_implementation == "sdpa"
+
+
+def test_a_dropped_cache_is_freed_at_once(tiny):
+    ids = _ids(100)
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for method in (QuestPages(budget=32), H2O(budget=32)):
+                cache = method.make_cache(tiny)
+                tiny.generate(ids, **GEN, past_key_values=cache)
+                cache.detach()
+                ref = weakref.ref(cache)
+                del cache
+                assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_a_second_cache_takes_over_and_an_unattached_one_says_so(tiny):
+    ids = _ids(50)
+    first, second = FullKV().make_cache(tiny), FullKV().make_cache(tiny)
+    with torch.no_grad():
+        tiny.generate(ids, **GEN, past_key_values=second)
+        with pytest.raises(RuntimeError, match="attached"): tiny.generate(ids, **GEN, past_key_values=first)
+    second.detach()
+    with pytest.raises(TypeError, match="model_config"): HookedKVCache()
+
+
+def test_unsupported_cache_operations_are_refused_by_name(tiny):
+    cache = FullKV().make_cache(model_config=tiny_llama_config()).load_prefill(_random_records(tiny_llama_config(), 1, 8))
+    layer = cache.layers[0]
+    with pytest.raises(NotImplementedError, match="num_beams=1"): layer.reorder_cache(torch.tensor([0]))
+    with pytest.raises(NotImplementedError, match="cropped"): layer.crop(1)
+    with pytest.raises(ValueError, match="repeats"): layer.batch_repeat_interleave(0)
+    with pytest.raises(RuntimeError, match="empty cache"): cache.load_prefill(_random_records(tiny_llama_config(), 1, 8))
+    with pytest.raises(ValueError, match="records for"): FullKV().make_cache(model_config=tiny_llama_config()).load_prefill(_random_records(tiny_llama_config(), 1, 8)[:1])
+
+
+@pytest.mark.parametrize("method", [FullKV(reserve_tokens=2), QuestPages(budget=48, reserve_tokens=2), SnapKV(budget=40, reserve_tokens=2),
+                                    H2O(budget=40, reserve_tokens=2)], ids=lambda m: m.label)
+def test_batch_repeat_of_a_filled_cache_decodes_like_the_original(method):
+    cfg = tiny_llama_config()
+    B, S, H, Hkv = 2, 160, cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    make = lambda: method.make_cache(model_config=cfg).load_prefill(_random_records(cfg, B, S, queries=S))
+    one, rep = make(), make()
+    rep.batch_repeat_interleave(3)
+    g = torch.Generator().manual_seed(7)
+    r = lambda t: t.repeat_interleave(3, 0)
+    for _ in range(4):                                                 # past reserve_tokens=2: the buffers grow on the way
+        q, k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+        for layer in range(cfg.num_hidden_layers):
+            torch.testing.assert_close(rep.step(layer, r(q), r(k1), r(v1)), r(one.step(layer, q, k1, v1)), rtol=1e-5, atol=1e-5)
+    assert rep.get_seq_length() == one.get_seq_length() == S + 4
+
+
+# ---------------------------------------------------------------- methods
+
+@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
+def test_methods_with_room_for_everything_are_full_attention(tiny, cls):
+    ids = _ids(70)
+    with torch.no_grad():
+        ref = tiny.generate(ids, **GEN)
+        with cls(budget=70).make_cache(tiny, 70) as c: out = tiny.generate(ids, **GEN, past_key_values=c)
+        with cls(budget=1.0).make_cache(tiny, 70) as c: out_frac = tiny.generate(ids, **GEN, past_key_values=c)
+    assert torch.equal(out, ref) and torch.equal(out_frac, ref)
+
+
+@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
+def test_methods_at_a_small_budget_keep_the_budget(tiny, cls):
+    ids = _ids(200, b=1)
+    m = cls(budget=48)
+    with torch.no_grad(), m.make_cache(tiny, 200) as c:
+        out = tiny.generate(ids, **GEN, past_key_values=c)
+        kept = c.layers[0].buf.prefix
+    assert out.shape == (1, 200 + GEN["max_new_tokens"]) and m.attended_tokens(200) == 48
+    assert kept == (200 if cls is QuestPages else 48)
+    assert m.label == f"{cls.name}@48t" and cls(budget=0.25).label == f"{cls.name}@0.25" and cls(budget=0.25).attended_tokens(200) == 50
+
+
+def test_full_kv():
+    m = FullKV()
+    assert m.label == "full" and m.attended_tokens(1234) == 1234 and m.budget_tokens(7) == 7
+
+
+def test_streaming_keeps_sinks_and_window(tiny):
+    ids = _ids(100, b=1)
+    with torch.no_grad():
+        _, recs = record_prefill(tiny, ids)
+    c = StreamingLLM(budget=20).make_cache(model_config=tiny.config).load_prefill(recs)
+    torch.testing.assert_close(_kept(c, 1), torch.cat([recs[1].keys[:, :, :4], recs[1].keys[:, :, -16:]], 2))
+
+
+def test_streaming_sinks_are_the_first_real_tokens_of_a_left_padded_row():
+    cfg = tiny_llama_config()
+    rec = _random_records(cfg, 2, 40)
+    valid = torch.ones(2, 40, dtype=torch.bool); valid[1, :8] = False
+    rec = [PrefillRecord(keys=r.keys, values=r.values, positions=r.positions, valid=valid) for r in rec]
+    idx = StreamingLLM(budget=10, n_sink=2).keep(rec[0], 10)
+    assert idx[0, 0].tolist() == [0, 1] + list(range(32, 40)) and idx[1, 0].tolist() == [8, 9] + list(range(32, 40))
+
+
+def test_quest_selects_the_page_with_the_largest_bound():
+    cfg = tiny_llama_config(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, num_hidden_layers=1)
+    S, D = 64, 16
+    keys = torch.zeros(1, 1, S, D); keys[0, 0, 37, 0] = 5.0                      # page 2 (of 16 tokens) holds the one aligned key
+    rec = PrefillRecord(keys=keys, values=torch.randn(1, 1, S, D), positions=torch.arange(S)[None])
+    cache = QuestPages(budget=16, page_size=16).make_cache(model_config=cfg).load_prefill([rec])
+    q = torch.zeros(1, 2, 1, D); q[..., 0] = 1.0
+    assert isinstance(cache.layers[0], QuestLayer) and cache.layers[0].select_pages(q).tolist() == [[[2]]]
+
+
+def test_snapkv_keeps_its_window_and_what_the_window_attends_to():
+    cfg = tiny_llama_config(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, num_hidden_layers=1)
+    S, D = 64, 16
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 1, S, D, generator=g) * 0.1; keys[0, 0, 11, 0] = 6.0
+    q = torch.randn(1, 2, 8, D, generator=g) * 0.1; q[..., 0] = 2.0
+    rec = PrefillRecord(keys=keys, values=torch.randn(1, 1, S, D, generator=g), positions=torch.arange(S)[None], queries=q)
+    idx = SnapKV(budget=16, window=8, pool_kernel=1).keep(rec, 16)[0, 0].tolist()
+    assert 11 in idx and idx[-8:] == list(range(56, 64)) and len(idx) == 16 and idx == sorted(idx)
+    with pytest.raises(ValueError, match="last queries"):
+        SnapKV(budget=16).score(PrefillRecord(keys=keys, values=keys, positions=torch.arange(S)[None]), 16)
+
+
+# ---------------------------------------------------------------- H2O
+
+def _h2o_by_hand(q, k, recent_n, n):
+    "Accumulated attention by explicit loops: for every query position i and head h, softmax over keys 0..i, added to each key."
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    acc = torch.zeros(B, Hkv, S, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(S):
+                s = torch.tensor([float(q[b, h, i].double() @ k[b, h // (H // Hkv), j].double()) / D ** 0.5 for j in range(i + 1)])
+                acc[b, h // (H // Hkv), :i + 1] += s.softmax(0)
+    heavy = acc[..., :S - recent_n].topk(n - recent_n, -1).indices
+    return acc, [sorted(heavy[b, h].tolist() + list(range(S - recent_n, S))) for b in range(B) for h in range(Hkv)]
+
+
+def test_h2o_ranking_equals_a_hand_computation():
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, S, D = 2, 4, 2, 12, 8
+    q, k = torch.randn(B, H, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    rec = PrefillRecord(keys=k, values=torch.randn(B, Hkv, S, D, generator=g), positions=torch.arange(S).expand(B, S), queries=q)
+    acc, kept = _h2o_by_hand(q, k, recent_n=3, n=6)
+    m = H2O(budget=6)                                                  # recent = round(0.5 * 6) = 3
+    score = H2O(budget=6, recent=0.0).score(rec, 6, block=5)          # odd block: the blocked loop must not matter
+    torch.testing.assert_close(score.double(), acc, rtol=1e-5, atol=1e-6)
+    assert [r for row in m.keep(rec, 6).tolist() for r in row] == kept
+
+
+def test_h2o_keeps_the_budget_the_recent_window_and_the_heavy_hitter(tiny):
+    S, D = 80, 16
+    g = torch.Generator().manual_seed(1)
+    cfg = tiny_llama_config(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, num_hidden_layers=1)
+    keys = torch.randn(1, 1, S, D, generator=g) * 0.1; keys[0, 0, 30, 0] = 6.0
+    q = torch.randn(1, 2, S, D, generator=g) * 0.1; q[..., 0] = 2.0
+    rec = PrefillRecord(keys=keys, values=torch.randn(1, 1, S, D, generator=g), positions=torch.arange(S)[None], queries=q)
+    for budget, recent in ((20, 0.5), (20, 0.25), (0.25, 0.5)):
+        m = H2O(budget=budget, recent=recent)
+        cache = m.make_cache(model_config=cfg).load_prefill([rec])
+        n = m.attended_tokens(S)
+        idx = m.keep(rec, n)[0, 0].tolist()
+        n_recent = round(recent * n)
+        assert cache.layers[0].buf.prefix == n == 20 and len(set(idx)) == n
+        assert idx[-n_recent:] == list(range(S - n_recent, S)) and 30 in idx
+    # through generate on the tiny model: the online cache records every query for it
+    ids = _ids(90, b=1)
+    with torch.no_grad(), H2O(budget=30).make_cache(tiny) as c:
+        tiny.generate(ids, **GEN, past_key_values=c)
+        assert c.query_window is None and c.layers[0].buf.prefix == 30
+
+
+def test_h2o_ignores_padding():
+    g = torch.Generator().manual_seed(2)
+    B, H, Hkv, S, D = 1, 2, 1, 16, 8
+    q, k = torch.randn(B, H, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    valid = torch.ones(B, S, dtype=torch.bool); valid[0, :5] = False
+    rec = PrefillRecord(keys=k, values=k, positions=torch.arange(S)[None], valid=valid, queries=q)
+    idx = H2O(budget=6).keep(rec, 6)[0, 0].tolist()
+    assert all(i >= 5 for i in idx)
+    alone = PrefillRecord(keys=k[:, :, 5:], values=k[:, :, 5:], positions=torch.arange(S - 5)[None], queries=q[:, :, 5:])
+    torch.testing.assert_close(H2O(budget=6, recent=0.0).score(rec, 6)[..., 5:], H2O(budget=6, recent=0.0).score(alone, 6), rtol=1e-5, atol=1e-6)
+
+
+def test_h2o_bad_inputs():
+    with pytest.raises(ValueError, match="recent"): H2O(budget=8, recent=1.0)
+    with pytest.raises(ValueError, match="recent"): H2O(budget=8, recent=-0.1)
+    rec = _random_records(tiny_llama_config(), 1, 20, queries=4)[0]
+    with pytest.raises(ValueError, match="window=None"): H2O(budget=8).score(rec, 8)
+    with pytest.raises(ValueError, match="at least 2 tokens"): H2O(budget=1).make_cache(model_config=tiny_llama_config(), prefill_len=20)
+
+
+# ---------------------------------------------------------------- budgets, equal budgets, a new method
+
+def test_budget_validation():
+    with pytest.raises(ValueError, match="fraction of the prefill"): SnapKV(budget=1.5)
+    with pytest.raises(ValueError, match="fraction of the prefill"): SnapKV(budget=0.0)
+    with pytest.raises(ValueError, match="number of tokens"): StreamingLLM(budget=0)
+    with pytest.raises(TypeError, match="budget must be"): QuestPages(budget="2%")
+    with pytest.raises(TypeError, match="budget must be"): QuestPages(budget=True)
+    with pytest.raises(ValueError, match="min_prefill"): SnapKV(budget=8, min_prefill=0)
+    with pytest.raises(ValueError, match="reserve_tokens"): SnapKV(budget=8, reserve_tokens=-1)
+    cfg = tiny_llama_config()
+    with pytest.raises(ValueError, match="at least 5 tokens"): StreamingLLM(budget=4).make_cache(model_config=cfg, prefill_len=100)
+    with pytest.raises(ValueError, match="at least 16 tokens"): QuestPages(budget=8).make_cache(model_config=cfg, prefill_len=100)
+    with pytest.raises(ValueError, match="at least 16 tokens"):                  # a fraction too small for this prefill, at load time
+        QuestPages(budget=0.01).make_cache(model_config=cfg).load_prefill(_random_records(cfg, 1, 100))
+    QuestPages(budget=8).make_cache(model_config=cfg, prefill_len=8)              # a budget covering the prompt is always fine
+
+
+def test_a_method_as_the_budget_of_another_and_record_window():
+    m = SnapKV(budget=StreamingLLM(budget=0.25))
+    assert m.attended_tokens(96) == 24 and m.attended_tokens(1000) == 250 and m.label == "snapkv@0.25"
+    assert SnapKV(budget=FullKV()).attended_tokens(77) == 77
+    assert record_window([FullKV()]) == 32 and record_window([SnapKV(window=48), QuestPages()]) == 48
+    assert record_window([SnapKV(), H2O()]) is None and record_window([]) == 32
+
+
+def test_a_new_scored_method_is_one_small_class():
+    "Keep the tokens with the largest key norm: score() is all a new eviction writes."
+    @dataclass(frozen=True)
+    class KeyNorm(ScoredEviction):
+        name: ClassVar[str] = "keynorm"
+        def score(self, rec, n): return rec.keys.float().norm(dim=-1)
+    cfg = tiny_llama_config()
+    recs = _random_records(cfg, 2, 40)
+    c = KeyNorm(budget=10).make_cache(model_config=cfg).load_prefill(recs)
+    norms = recs[0].keys.norm(dim=-1)
+    expect = norms.topk(10, -1).indices.sort(-1).values
+    got = recs[0].keys.gather(2, expect[..., None].expand(-1, -1, -1, recs[0].keys.shape[-1]))
+    torch.testing.assert_close(_kept(c), got)
+    assert KeyNorm(budget=10).label == "keynorm@10t"
+
+    @dataclass(frozen=True)
+    class Broken(ScoredEviction):
+        def score(self, rec, n): return rec.keys[..., 0, 0]
+    with pytest.raises(ValueError, match="score returned"): Broken(budget=10).make_cache(model_config=cfg).load_prefill(recs)
+
+
+def test_kv_method_base_says_what_is_missing():
+    with pytest.raises(NotImplementedError, match="attends to"): KVMethod().attended_tokens(10)
+    with pytest.raises(NotImplementedError, match="score"): ScoredEviction(budget=4).score(None, 4)
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
+def test_cuda_methods_through_generate(tiny, cls):
+    m = tiny.cuda()
+    ids = _ids(150).cuda()
+    with torch.no_grad():
+        ref = m.generate(ids, **GEN)
+        with cls(budget=150).make_cache(m, 150) as c: assert torch.equal(m.generate(ids, **GEN, past_key_values=c), ref)
+        with cls(budget=32).make_cache(m, 150) as c:
+            out = m.generate(ids, **GEN, past_key_values=c)
+            assert out.shape == ref.shape and c.layers[0].buf.k.is_cuda
