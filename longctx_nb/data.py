@@ -158,7 +158,10 @@ CORE_COLUMNS = ("id", "title", "text")
 
 def _datasets():
     "The `datasets` module, or an ImportError saying how to install it."
-    try: import datasets
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a notebook without ipywidgets
+            import datasets
     except ImportError as e: raise ImportError("the Dataset form needs `datasets`: `pip install -r requirements-lock.txt` (it pins datasets)") from e
     return datasets
 
