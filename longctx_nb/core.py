@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #3e90dccf
 from __future__ import annotations
 import os, sys, json, time, math, shutil, random, socket, platform, subprocess, tempfile, dataclasses, datetime, argparse
+import contextlib, functools, threading
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -134,8 +135,6 @@ def benchmark(fn: Callable[[], Any], warmup: int = 5, reps: int = 20, setup: Cal
     return dict(median_ms=float(q[1]), p25_ms=float(q[0]), p75_ms=float(q[2]), reps=reps)
 
 # %% ../nbs/00_core.ipynb #d0c36ab5
-import contextlib, functools, threading
-
 _POISON_LOCK, _POISON_STATE = threading.Lock(), dict(depth=0, saved=None)
 
 def _nan_filled(fn):

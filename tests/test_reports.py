@@ -11,7 +11,7 @@ import pytest
 from helpers import report_dir
 
 EXPECTED = {
-    "00_core": dict(tables=["environment"]),
+    "00_core": dict(tables=["environment", "tolerances", "peaks"]),
     "01_data": dict(tables=["corpora"]),
     "02_models": dict(tables=["ppl_by_position", "attention_hook_check", "load_times"], figures={"ppl_by_position": 1000}),
     "03_kvcache": dict(tables=[]),
@@ -81,6 +81,17 @@ def test_artifacts(nb, smoke_reports):
 def environment(d):
     env = read(d, "environment").set_index("key").value
     assert {"python", "torch", "triton", "device", "triton_interpreter"} <= set(env.index) and env["torch"]
+
+
+@check("00_core")
+def tolerances_and_peaks(d):
+    tol = read(d, "tolerances").set_index("dtype")
+    assert {"float32", "bfloat16", "float16"} <= set(tol.index) and (tol.atol > 0).all() and (tol.ratio < 0.05).all()
+    assert tol.loc["float32", "ratio"] < tol.loc["float16", "ratio"] <= tol.loc["bfloat16", "ratio"]
+    peaks = read(d, "peaks").set_index("name")
+    assert set(peaks.index) == {"H100 SXM", "H100 PCIe", "H200"}
+    assert tuple(peaks.loc["H200", ["bf16_tflops", "hbm_gb_s"]]) == (989.0, 4800.0)
+    assert peaks.bf16_tflops.between(500, 2000).all() and peaks.hbm_gb_s.between(1000, 10000).all()
 
 
 @check("01_data")
