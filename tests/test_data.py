@@ -16,10 +16,20 @@ HUB_LAYOUTS = {"pg19": ["short_book_title", "publication_date", "url", "text"],
 GUTENBERG = dict(emma=158, mansfieldpark=141, prideprejudice=1342, sensesensibility=161, northangerabbey=121, persuasion=105)
 
 
+@pytest.fixture(scope="session")
+def private_cache(tmp_path_factory):
+    "A cache folder for this session: the unpacked Austen corpus linked in from the real cache; Arrow copies and datasets' cache fresh."
+    real, tmp = data.cache_dir(), tmp_path_factory.mktemp("cache")
+    for sub in ("corpora", "debs"):
+        if (real / sub).exists(): (tmp / sub).symlink_to(real / sub, target_is_directory=True)
+    return tmp
+
+
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    "No test here may reach the hub: a hub id without data_files must fail at once."
+def offline(monkeypatch, private_cache):
+    "No test here may reach the hub (a hub id without data_files must fail at once), nor leave files in the user's cache."
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LONGCTX_CACHE", str(private_cache))
 
 
 def _hub_rows(name: str, docs: list[Document]) -> list[dict]:
@@ -161,8 +171,12 @@ def test_aclsum_dataset_has_abstract_and_highlights():
     assert any(sum(r[a]) for r in ds["highlights"] for a in data.ACLSUM_ASPECTS)
 
 
-def test_arrow_cache_is_built_once(monkeypatch):
+def test_arrow_cache_is_built_once(monkeypatch, private_cache, tmp_path):
+    (tmp_path / "corpora").symlink_to(private_cache / "corpora", target_is_directory=True)
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
     corpus_dataset("austen", "validation")
+    stored = [p.name for p in (tmp_path / "datasets").iterdir()]
+    assert len(stored) == 1 and stored[0].startswith(f"austen-validation-v{data.DATASET_FORMAT}-"), stored
     monkeypatch.setattr(data, "_offline_documents", lambda *a: pytest.fail("rebuilt a cached corpus dataset"))
     assert corpus_dataset("austen", "validation")["id"][:] == ["northangerabbey"]
 
