@@ -34,7 +34,7 @@ def offline(monkeypatch, private_cache):
 
 def _hub_rows(name: str, docs: list[Document]) -> list[dict]:
     if name == "pg19":
-        return [dict(short_book_title=d.title, publication_date="1816", url=f"http://www.gutenberg.org/ebooks/{GUTENBERG[d.id]}", text=d.text) for d in docs]
+        return [dict(short_book_title=d.title, publication_date=1816, url=f"http://www.gutenberg.org/ebooks/{GUTENBERG[d.id]}", text=d.text) for d in docs]
     if name == "proof-pile": return [dict(text=d.text, meta=dict(set_name="stdlib", file=d.id)) for d in docs]
     return [dict(article=d.text, abstract=d.summary) for d in docs]
 
@@ -85,7 +85,7 @@ def test_hub_layout_maps_to_our_columns(name, sources, hub_copies):
         assert [d.text for d in docs] == [d.text for d in want]
         if name == "pg19":
             assert [(d.id, d.title) for d in docs] == [(str(GUTENBERG[w.id]), w.title) for w in want]
-            assert docs[0].meta == dict(publication_date="1816", url=f"http://www.gutenberg.org/ebooks/{GUTENBERG[want[0].id]}")
+            assert docs[0].meta == dict(publication_date=1816, url=f"http://www.gutenberg.org/ebooks/{GUTENBERG[want[0].id]}")
         else: assert [d.id for d in docs] == [f"{split}-{i}" for i in range(len(want))]
         if name.startswith("ccdv"): assert [d.summary for d in docs] == [w.summary for w in want]
         else: assert all(d.summary is None for d in docs)
