@@ -11,9 +11,11 @@ A script defines `measure(lib, args) -> Measured` and ends with `sys.exit(lab_ma
   longctx_nb` is unpacked into a temporary folder as the package `longctx_nb_ab`, its imports rewritten to that name, and both runs'
   tables are written side by side (a `code` column names the commit of each row). The script itself is today's in both runs: it
   reaches the library only through `lib` (`lib.tensorized`, `lib.get("host_empty", "kvcache", "shadowkv")` for a name that moved).
+  COMMIT must be in the git history of the tree the script runs in: a copied tree (the GPU machine's) has only the history its .git
+  carries, and names today's commit through LONGCTX_GIT_SHA.
 """
 from __future__ import annotations
-import argparse, importlib, re, shutil, subprocess, sys, tempfile, time
+import argparse, importlib, os, re, subprocess, sys, tempfile, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -36,7 +38,7 @@ class Measured:
 class Lib:
     "The package a run measures: `lib.tensorized` imports `<package>.tensorized`; `lib.get(name, *modules)` finds a moved name."
     def __init__(self, package: str = "longctx_nb", label: str | None = None):
-        self.package, self.label = package, label or f"HEAD {git_short('HEAD') or '?'}"
+        self.package, self.label = package, label or f"HEAD {head_sha()}"
     def __getattr__(self, module: str):
         if module.startswith("__"): raise AttributeError(module)
         return importlib.import_module(f"{self.package}.{module}")
@@ -47,6 +49,12 @@ class Lib:
             except ModuleNotFoundError: continue
             if hasattr(mod, name): return getattr(mod, name)
         raise AttributeError(f"{self.label}: none of {modules} in {self.package} has {name!r}")
+
+
+def head_sha() -> str:
+    "Today's commit: LONGCTX_GIT_SHA where set (a copied tree, e.g. on the GPU machine, may carry a stale .git), else git's HEAD."
+    env = os.environ.get("LONGCTX_GIT_SHA")
+    return env[:7] if env else (git_short("HEAD") or "?")
 
 
 def git_short(rev: str) -> str | None:

