@@ -15,7 +15,7 @@ A script defines `measure(lib, args) -> Measured` and ends with `sys.exit(lab_ma
   carries, and names today's commit through LONGCTX_GIT_SHA.
 """
 from __future__ import annotations
-import argparse, importlib, os, re, subprocess, sys, tempfile, time
+import argparse, atexit, importlib, os, re, shutil, subprocess, sys, tempfile, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -67,6 +67,7 @@ def load_commit(commit: str, package: str = "longctx_nb_ab") -> Lib:
     sha = git_short(commit)
     if sha is None: raise SystemExit(f"--ab {commit!r}: git cannot resolve it in {REPO}")
     tmp = Path(tempfile.mkdtemp(prefix=f"kernels-ab-{sha}-"))
+    atexit.register(shutil.rmtree, tmp, True)                         # its modules stay loaded; the files go at exit
     archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "longctx_nb"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
     (tmp / "longctx_nb").rename(tmp / package)

@@ -14,8 +14,8 @@ EXPECTED = {
     "00_core": dict(tables=["environment", "tolerances", "peaks"]),
     "01_data": dict(tables=["corpora"]),
     "02_models": dict(tables=["ppl_by_position", "attention_hook_check", "load_times"], figures={"ppl_by_position": 1000}),
-    "03_kvcache": dict(tables=[]),
-    "04_evals": dict(tables=[]),
+    "03_kvcache": dict(tables=["kept_tokens", "method_sizes", "through_generate"]),
+    "04_evals": dict(tables=["generations", "accuracy"]),
     "10_tensorized_attention": dict(tables=["correctness_sweep", "formulation_checks", "benchmark", "factorizations", "paper_vs_ours"],
                                     figures={"benchmark": 1000, "support_4x4x4": 1000}),
     "11_tensorized_models": dict(tables=["perplexity", "forward_ms", "results", "training", "rope_checks", "integration_checks",
@@ -110,6 +110,57 @@ def ppl_by_position_is_sane(d):
     assert (d / "ppl_by_position.png").stat().st_size > 1000
     hook = read(d, "attention_hook_check")
     assert (hook.max_abs_diff < 1e-4).all()
+
+
+# ---------------------------------------------------------------- 03-04: the KV-cache framework and the evaluation suite
+KV_METHODS = {"FullKV", "StreamingLLM", "QuestPages", "SnapKV", "H2O"}
+
+
+@check("03_kvcache")
+def a_kv_method_is_one_small_class(d):
+    sizes = read(d, "method_sizes").set_index("method")
+    assert KV_METHODS <= set(sizes.index) and sizes.lines.between(1, 60).all()      # "a new KV method is one ~40-line class"
+
+
+@check("03_kvcache")
+def kept_tokens_match_their_budget(d):
+    kept = read(d, "kept_tokens")
+    assert len(kept) >= 4 and kept.method.is_unique
+    for label, ks in zip(kept.method, kept.kept):
+        ks = json.loads(ks)
+        budget = int(label.split("@")[1].rstrip("t"))
+        assert len(ks) == budget and ks == sorted(set(ks)) and min(ks) >= 0, (label, ks)
+
+
+@check("03_kvcache")
+def every_method_decodes_through_generate(d):
+    t = read(d, "through_generate")
+    same = [c for c in t.columns if c.startswith("same_as_full")]
+    assert len(t) >= 4 and same and t[same].all().all()
+    assert (t.attended_tokens <= t.kept_prompt_tokens).all() and (t.attended_tokens > 0).all() and (t.generated > 0).all()
+
+
+@check("04_evals")
+def generations_are_one_tidy_row_per_method_task_sample(d):
+    meta = meta_of(d)
+    g = read(d, "generations")
+    assert {"method", "task", "length", "sample", "score"} <= set(g.columns)
+    assert set(g.method) == set(meta["methods"]) and set(g.task) == set(meta["tasks"])
+    p = meta["preset"]
+    assert len(g) == len(meta["methods"]) * len(meta["tasks"]) * p["samples_per_task"] * len(p["lengths"])
+    assert g.score.between(0, 1).all() and set(g.length) == set(p["lengths"])
+    full = g[g.method == "full"]
+    assert len(full) and (full.attended_tokens == full.length).all() and (g[g.method != "full"].attended_tokens < g[g.method != "full"].length).all()
+
+
+@check("04_evals")
+def accuracy_pivot_is_in_range(d):
+    meta = meta_of(d)
+    acc = read(d, "accuracy")
+    vals = acc.select_dtypes("number").to_numpy(dtype=float)
+    assert len(acc) >= 1 and vals.size and np.isfinite(vals[~np.isnan(vals)]).all()
+    assert (vals[~np.isnan(vals)] >= 0).all() and (vals[~np.isnan(vals)] <= 100).all()
+    assert any(str(m) in acc.to_string() for m in meta["methods"])
 
 
 # ---------------------------------------------------------------- 10-11: tensorized attention
