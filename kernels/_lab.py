@@ -42,13 +42,15 @@ class Lib:
     def __getattr__(self, module: str):
         if module.startswith("__"): raise AttributeError(module)
         return importlib.import_module(f"{self.package}.{module}")
-    def get(self, name: str, *modules: str):
-        "The first of `modules` that exports `name` (e.g. a helper that moved from shadowkv to kvcache between commits)."
-        for m in modules:
-            try: mod = importlib.import_module(f"{self.package}.{m}")
-            except ModuleNotFoundError: continue
-            if hasattr(mod, name): return getattr(mod, name)
-        raise AttributeError(f"{self.label}: none of {modules} in {self.package} has {name!r}")
+    def get(self, name: str, *modules: str, was: str | None = None):
+        """The first of `modules` that exports `name` (e.g. a helper that moved from shadowkv to kvcache between commits), or
+        failing that its older name `was` (a rename)."""
+        for n in (name, was) if was else (name,):
+            for m in modules:
+                try: mod = importlib.import_module(f"{self.package}.{m}")
+                except ModuleNotFoundError: continue
+                if hasattr(mod, n): return getattr(mod, n)
+        raise AttributeError(f"{self.label}: none of {modules} in {self.package} has {name!r}" + (f" (or {was!r})" if was else ""))
 
 
 def head_sha() -> str:

@@ -53,8 +53,8 @@ def add_args(ap):
 def measure(lib, a) -> Measured:
     thr = lib.shadowkv_throughput
     ShadowKVConfig = lib.get("ShadowKVConfig", "shadowkv")
-    # a cache of `batch` copies of the prefill: constructed_cache (was build_cache before the KV-cache framework moved to kvcache)
-    build_cache = getattr(thr, "constructed_cache", None) or lib.get("build_cache", "shadowkv_throughput")
+    # a cache of `batch` copies of the prefill (called build_cache before the KV-cache framework moved to kvcache)
+    build_cache = lib.get("constructed_cache", "shadowkv_throughput", was="build_cache")
     cuda = torch.cuda.is_available() and not a.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     over = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,

@@ -62,3 +62,25 @@ def test_ab_runs_another_commit_beside_today(tmp_path):
     ab = _lab.Lib("longctx_nb_ab")
     assert ab.core.__name__ == "longctx_nb_ab.core" and ab.core.save_report is not importlib.import_module("longctx_nb.core").save_report
     with pytest.raises(AttributeError, match="none of"): ab.get("no_such_name", "core")
+    assert ab.get("no_such_name", "core", was="save_report") is ab.core.save_report
+
+
+def _library_names_used(src: str) -> tuple[set, list]:
+    "(module, name) pairs a script reaches through `lib` (direct `lib.mod.name` and aliases `x = lib.mod`), and its lib.get calls."
+    import re
+    pairs = set(re.findall(r"\blib\.(\w+)\.(\w+)", src))
+    for lhs, rhs in re.findall(r"^\s*([\w, ]+?)\s*=\s*(lib\.\w+(?:\s*,\s*lib\.\w+)*)\s*$", src, re.M):
+        for alias, mod in zip([x.strip() for x in lhs.split(",")], re.findall(r"lib\.(\w+)", rhs)):
+            pairs |= {(mod, n) for n in re.findall(rf"\b{alias}\.(\w+)", src)}
+    gets = [[a.strip().strip('"') for a in call.split(",") if "=" not in a] for call in re.findall(r"lib\.get\(([^)]*)\)", src)]
+    return {(m, n) for m, n in pairs if m != "get"}, gets
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_use_names_the_package_exports(name):
+    "The scripts reach the library only through `lib`; every name they use must exist today (a moved name is a failure here)."
+    pairs, gets = _library_names_used((REPO / "kernels" / f"{name}.py").read_text())
+    missing = [f"{m}.{n}" for m, n in sorted(pairs) if not hasattr(importlib.import_module(f"longctx_nb.{m}"), n)]
+    for n, *mods in gets:
+        if not any(hasattr(importlib.import_module(f"longctx_nb.{m}"), n) for m in mods): missing.append(f"{'|'.join(mods)}.{n}")
+    assert not missing, f"kernels/{name}.py uses names the package no longer has: {missing}"
