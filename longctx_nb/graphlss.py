@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .core import *
 from .data import Document, as_documents, load_corpus, cache_dir
 from .models import load_spacy, load_sentence_encoder, train_lm
+from .evals import rouge
 
 # %% auto #0
 __all__ = ['EDGE_TYPES', 'HETERO_EDGE_TYPES', 'ROUGE_TYPES', 'GraphSettings', 'graph_cache_path', 'ParsedDocument',
@@ -372,16 +373,12 @@ def next_class_weight(lam: float, tau: float, tau_true: float, temperature: floa
 
 # %% ../nbs/30_graphlss.ipynb #b9fe72b7
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeLsum")
-_SCORER = None
 
 def rouge_prf(summary: Sequence[str], reference: Sequence[str]) -> dict:
-    "ROUGE-1/2/Lsum precision, recall, F1 (x100) of one summary (list of sentences) against one reference (list of sentences)."
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score import rouge_scorer
-        _SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    sc = _SCORER.score("\n".join(reference), "\n".join(summary))
-    return {f"{k}_{m}": 100 * getattr(sc[k], a) for k in ROUGE_TYPES for m, a in (("p", "precision"), ("r", "recall"), ("f", "fmeasure"))}
+    "ROUGE-1/2/Lsum precision, recall, F1 (x100, Porter stemming) of one summary against one reference, both lists of sentences (evals.rouge)."
+    hyp, ref = "\n".join(summary), "\n".join(reference)
+    return {f"{k}_{m}": 100 * rouge(ref, hyp, kind=k, stat=a, stemmer=True)
+            for k in ROUGE_TYPES for m, a in (("p", "precision"), ("r", "recall"), ("f", "fmeasure"))}
 
 def select_summary(scores: Sequence[float], sentences: Sequence[str], budget_words: int) -> list[int]:
     "Indices of the top-scored sentences, added until their words reach `budget_words`, in document order."
