@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import *
+from .models import rotate_half, rope_tables
 from .kvcache import *
 from .kvcache import _nbytes
 import triton
@@ -22,10 +23,9 @@ import triton.language as tl
 # %% auto #0
 __all__ = ['PAPER_DEFAULTS', 'PAPER_OUTLIER_FRACTION', 'FP8_MAX', 'RULER_TASKS', 'ShadowKVConfig', 'ShadowKVLayout',
            'shadowkv_layout', 'low_rank_keys', 'singular_values', 'svd_relative_error', 'chunk_landmarks',
-           'landmark_scores', 'assign_slots', 'rotate_half', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys',
-           'quantize_chunks_fp8', 'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks', 'rope_tables',
-           'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV', 'TaskSample', 'score_answer', 'RulerTasks', 'greedy_continue',
-           'evaluate_methods']
+           'landmark_scores', 'assign_slots', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys', 'quantize_chunks_fp8',
+           'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks', 'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV',
+           'TaskSample', 'score_answer', 'RulerTasks', 'greedy_continue', 'evaluate_methods']
 
 # %% ../nbs/50_shadowkv.ipynb #f0589fd7
 # The official defaults (ByteDance-Seed/ShadowKV, models/kv_cache.py and test/eval_acc.py) at the paper's 128k contexts.
@@ -200,11 +200,6 @@ def assign_slots(cached_ids: torch.Tensor, new_ids: torch.Tensor):
     return miss_ids, miss_slots, n_miss, updated
 
 # %% ../nbs/50_shadowkv.ipynb #acf1f627
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    "[x1, x2] -> [-x2, x1] on the last dim (the rotate-half RoPE convention of Llama in transformers)."
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), -1)
-
 def _check_shadow_keys_args(U, SV, cos, sin, positions, chunk_ids, chunk_size, slots, counts, out):
     if U.ndim != 3 or SV.ndim != 4: raise ValueError(f"U must be [B, S, r] and SV [B, Hkv, r, D]; got {tuple(U.shape)} and {tuple(SV.shape)}")
     B, S, R = U.shape
@@ -425,12 +420,6 @@ def gather_chunks(src, scale, ids, slots, counts, out, chunk_size: int):
     return out
 
 # %% ../nbs/50_shadowkv.ipynb #35082d8c
-def rope_tables(rotary_emb: nn.Module, n_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    "cos/sin tables [n_positions, head_dim] in float32 from a transformers rotary-embedding module (any rope_type it implements)."
-    pos = torch.arange(n_positions, device=device)[None]
-    cos, sin = rotary_emb(torch.zeros(1, device=device, dtype=torch.float32), pos)
-    return cos[0].float().contiguous(), sin[0].float().contiguous()
-
 def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     if t.device.type == "cpu": return t.contiguous()
     return host_empty(t.shape, t.dtype, pin=pin, fill=lambda h: h.copy_(t))

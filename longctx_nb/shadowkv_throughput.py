@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from .core import *
 from .kvcache import FullKV, PrefillRecord, host_empty
-from .shadowkv import ShadowKV, ShadowKVCache, ShadowKVConfig, shadowkv_layout, rope_tables, rotate_half
+from .models import rope_tables, rotate_half
+from .shadowkv import ShadowKV, ShadowKVCache, ShadowKVConfig, shadowkv_layout
 
 # %% auto #0
 __all__ = ['LLAMA3_8B', 'llama_config', 'random_llama', 'hbm_bandwidth', 'h2d_bandwidth', 'uva_gather_bandwidth', 'footprint',

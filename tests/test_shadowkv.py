@@ -8,10 +8,11 @@ import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
 from helpers import tiny_llama_config, needs_interpreter
+from longctx_nb.models import rope_tables, rotate_half
 from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill, host_empty, SnapKV, StreamingLLM, QuestPages
 from longctx_nb.shadowkv import (
     ShadowKV, ShadowKVConfig, ShadowKVCache, shadowkv_layout, low_rank_keys, svd_relative_error, chunk_landmarks, landmark_scores,
-    assign_slots, shadow_keys, shadow_keys_ref, rope_tables, rotate_half, greedy_continue, RulerTasks, RULER_TASKS, score_answer,
+    assign_slots, shadow_keys, shadow_keys_ref, greedy_continue, RulerTasks, RULER_TASKS, score_answer,
     gather_chunks, gather_chunks_ref, quantize_chunks_fp8, dequantize_chunks, FP8_MAX)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"    # kernel tests: the compiled kernel on CUDA, the interpreter on CPU
