@@ -20,9 +20,19 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path: sys.path.insert(0, str(REPO))      # longctx_nb and tests.helpers without PYTHONPATH
+if str(REPO) not in sys.path: sys.path.insert(0, str(REPO))      # longctx_nb without PYTHONPATH
 
 import longctx_nb.core as core  # noqa: E402  (first: on a machine without CUDA it sets TRITON_INTERPRET=1 before triton is imported)
+
+
+def _load_test_helpers():
+    "tests/helpers.py (kernel input factories shared with the tests), loaded by path: a wheel's top-level `tests` cannot shadow it."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("longctx_test_helpers", REPO / "tests" / "helpers.py")
+    mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
+    return mod
+
+test_helpers = _load_test_helpers()
 
 
 @dataclass

@@ -9,8 +9,7 @@ the throughput benchmark belongs to the next notebook). On a machine without CUD
 Exit status 1 when a case fails.
 """
 import sys
-from kernels._lab import lab_main, Measured
-from tests.helpers import shadow_keys_inputs, slots_and_counts
+from kernels._lab import lab_main, Measured, test_helpers
 import pandas as pd
 import torch
 
@@ -22,8 +21,8 @@ REAL = [(8, 1024, 80, 3, 64, 8, 16), (8, 1024, 80, 3, 64, 8, 64),          # Smo
 
 def case(lib, B, S_chunks, R, Hkv, D, C, n, dtype, slots, device, seed=0, time_it=False):
     shadow_keys, shadow_keys_ref = lib.get("shadow_keys", "shadowkv"), lib.get("shadow_keys_ref", "shadowkv")
-    U, SV, cos, sin, pos, ids = shadow_keys_inputs(B, S_chunks, R, Hkv, D, C, n, dtype=dtype, seed=seed, device=device, real_rope=True)
-    sl, cnt = slots_and_counts(B, Hkv, n, seed=seed + 1, device=device) if slots else (None, None)
+    U, SV, cos, sin, pos, ids = test_helpers.shadow_keys_inputs(B, S_chunks, R, Hkv, D, C, n, dtype=dtype, seed=seed, device=device, real_rope=True)
+    sl, cnt = test_helpers.slots_and_counts(B, Hkv, n, seed=seed + 1, device=device) if slots else (None, None)
     ref = torch.full((B, Hkv, n * C, D), float("nan"), device=device, dtype=dtype)
     out = ref.clone()
     shadow_keys_ref(U, SV, cos, sin, pos, ids, C, sl, cnt, ref)

@@ -10,8 +10,8 @@
 Roofline floors use this GPU's row of `longctx_nb.core.PEAKS`. Exit status 1 when the sweep fails (bf16 error above BF16_TOL or a NaN).
 Budget: about 3-5 minutes on an H100 (most of it SDPA at 128k-512k and kernel compilation).
 """
-import sys, time
-from kernels._lab import lab_main, Measured
+import inspect, sys
+from kernels._lab import lab_main, Measured, peaks_for
 import pandas as pd
 import torch
 
@@ -58,9 +58,11 @@ def measure(lib, a) -> Measured:
         sweep["pass"] = (sweep[["o", "dq", "dk", "dv"]].max(axis=1) < BF16_TOL) & ~sweep.nan
         print(sweep.to_string(index=False), f"\n[sweep] {ts.elapsed:.1f} s", flush=True)
         tables["correctness_sweep"] = sweep; ok = bool(sweep["pass"].all())
+    # roofline floors at this GPU's row of core.PEAKS (or --peaks); an older commit's benchmark may not take them
+    kw = dict(peaks=peaks_for(a)) if "peaks" in inspect.signature(T.benchmark_vs_sdpa).parameters else {}
     bench = T.benchmark_vs_sdpa(lengths, B=1, H=32, D=128, dtype=torch.bfloat16, modes=a.modes.split(","), reps=a.reps,
                                 sdpa_budget_s=a.sdpa_budget_s, shape_for=(lambda L: T.choose_factorization(L, a.m)) if a.m else None,
-                                log=lambda s: print(s, flush=True))
+                                log=lambda s: print(s, flush=True), **kw)
     tables["benchmark"] = bench
     try:
         tables["summary"] = summarize(bench); print(tables["summary"].to_string(index=False), flush=True)

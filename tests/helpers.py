@@ -1,7 +1,7 @@
 """What tests (and the kernel lab in kernels/) share: the named comparison, tiny model configs, kernel input factories, skip marks.
 
-Fixtures live in conftest.py; this module is plain functions, importable as `helpers` from a test and as `tests.helpers` from the
-repo root (kernels/_lab.py puts the root on sys.path)."""
+Fixtures live in conftest.py; this module is plain functions, imported as `helpers` by the tests and loaded by path by
+kernels/_lab.py (as `kernels._lab.test_helpers`)."""
 import os
 from pathlib import Path
 import pytest
