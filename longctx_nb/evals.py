@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
 from .core import *
-from .data import load_corpus, tokenize_docs
+from .data import load_corpus, tokenize_docs, as_documents
 
 # %% auto #0
 __all__ = ['RULER_TASKS', 'DEFAULT_NEEDLES', 'NIAH_INSTRUCTION', 'RETRIEVAL_HEADER', 'ROUGE_STATS', 'SCORERS', 'TASK_METRICS',
@@ -371,7 +371,9 @@ RETRIEVAL_HEADER = ("Below is a text with records hidden in it. Each record is a
                     "Remember every record; at the end you will be asked for one.\n\n")
 
 def line_retrieval_prompts(tokenizer, docs, length: int, n: int, n_lines: int = 8, seed: int = 0, token_ids: list | None = None) -> list[RetrievalPrompt]:
-    "`n` prompts of exactly `length` tokens (answer included), each with `n_lines` records hidden in the text of `docs` and a question about one."
+    """`n` prompts of exactly `length` tokens (answer included), each with `n_lines` records hidden in the text of `docs` (a list of
+    Documents or a datasets.Dataset) and a question about one."""
+    docs = as_documents(docs)
     if n < 1 or n_lines < 1: raise ValueError(f"n and n_lines must be >= 1, got n={n}, n_lines={n_lines}")
     enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])
     words = sorted({w for d in docs for w in re.findall(r"\b[a-z]{4,9}\b", d.text.lower())})
@@ -463,7 +465,8 @@ def citation_f1(prediction: str, gold: Iterable[int]) -> float:
 # %% ../nbs/04_evals.ipynb #f8ba7bc7
 @lru_cache(maxsize=8)
 def _rouge_scorer(kind: str, stemmer: bool):
-    from rouge_score import rouge_scorer
+    try: from rouge_score import rouge_scorer
+    except ImportError as e: raise ImportError("rouge() scores through Google's rouge-score package: pip install rouge-score==0.1.2") from e
     return rouge_scorer.RougeScorer([kind], use_stemmer=stemmer)
 
 ROUGE_STATS = ("precision", "recall", "fmeasure")
@@ -495,8 +498,8 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 def _ranks(a: np.ndarray) -> np.ndarray:
-    import scipy.stats
-    return scipy.stats.rankdata(a)
+    import pandas as pd
+    return pd.Series(a).rank(method="average").to_numpy()
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     "Spearman's rank correlation over the finite pairs (ties get mean ranks; NaN as for `pearson`)."

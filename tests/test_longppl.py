@@ -6,9 +6,10 @@ import torch
 
 from conftest import tiny_llama_config
 from longctx_nb.longppl import (KeyTokenSettings, KeyTokens, OFFICIAL, SMOLLM2, LongCELoss, find_key_tokens, key_token_mask, longppl,
-                                line_retrieval_prompts, merge_intervals, offsets_by_decoding, retrieval_scores, set_rope_scaling, rope_name,
-                                short_context_nll, short_context_nll_ref, token_nll, token_offsets, tokens_in_intervals, window_starts,
-                                score_long_context)
+                                merge_intervals, offsets_by_decoding, rope_name, short_context_nll, short_context_nll_ref, token_offsets,
+                                tokens_in_intervals, window_starts, score_long_context)
+from longctx_nb.models import set_rope_scaling, token_nll
+from longctx_nb.evals import line_retrieval_prompts, retrieval_scores
 
 
 def _tiny(vocab=49152, seed=0, **kw):

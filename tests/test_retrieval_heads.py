@@ -8,12 +8,12 @@ import torch.nn.functional as F
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET before anything imports triton)
 from longctx_nb.data import Document
 from longctx_nb.models import attention_hook, eager_attention, load_tokenizer
+from longctx_nb.evals import (Needle, Prompt, build_niah_prompt, chat_prompt, citation_f1, insert_at_sentences, pearson, rouge,
+                              token_f1, token_span)
 from longctx_nb.retrieval_heads import (
-    HeadHook, Needle, Prompt, TASKS, VARIANTS, answer_loss, attention_only, attention_state, build_niah_prompt, citation_f1,
-    cosine, detect_retrieval_heads, encode_example, encode_examples, finetune_attention, generate_answers, greedy_decode, head_set_relations,
-    insert_at_depth, last_query_argmax, load_attention_state, make_examples, pearson_r, random_heads, rank_heads,
-    retrieval_heads, rouge1_recall, sentence_pool, subsequence_span, task_batches, task_probe, token_f1, token_span, top_heads,
-    render_chat)
+    HeadHook, TASKS, VARIANTS, answer_loss, answer_stop_ids, attention_only, attention_state, cosine, decode_batch, detect_retrieval_heads,
+    encode_example, encode_examples, finetune_attention, generate_answers, head_set_relations, last_query_argmax, load_attention_state,
+    make_examples, random_heads, rank_heads, retrieval_heads, sentence_pool, subsequence_span, task_batches, task_probe, top_heads)
 from conftest import tiny_llama_config
 
 
@@ -46,10 +46,10 @@ def random_prompts(n, lengths, seed=0):
     ("ride the old yellow tram up to the castle at sunset", "The best thing is to ride the old yellow tram up to the castle at sunset."),
     ("a spoonful of smoked paprika", "smoked paprika, smoked!"), ("at sunset", "<|im_end|>"), ("The the THE cat", "the cat the"),
     ("Espresso in the evening", "espresso-in-the-evening 2024"), ("", "anything")])
-def test_rouge1_recall_matches_rouge_score_without_stemming(ref, pred):
+def test_detection_recall_is_rouge_score_without_stemming(ref, pred):
     from rouge_score import rouge_scorer
     want = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False).score(ref, pred)["rouge1"].recall
-    assert rouge1_recall(ref, pred) == pytest.approx(want, abs=1e-12)
+    assert rouge(ref, pred) == pytest.approx(want, abs=1e-12)
 
 
 def test_f1_metrics():
@@ -78,18 +78,18 @@ def test_needle_split_differently_in_context_is_aligned_by_offsets(tok):
         assert abs(len(p.ids) - 200) < 12
 
 
-def test_token_span_and_insert_at_depth():
+def test_token_span_and_needle_insertion():
     offsets = [(0, 3), (3, 7), (7, 8), (0, 0), (8, 12)]
     assert token_span(offsets, 4, 9) == (1, 5) and token_span(offsets, 0, 1) == (0, 1)
     with pytest.raises(ValueError, match="no token covers"):
         token_span(offsets, 20, 25)
     text = "One. Two two. Three three three."
-    assert insert_at_depth(text, "N.", 0.0)[0].startswith("N. One.")
-    assert insert_at_depth(text, "N.", 1.0)[0].endswith("three. N. ")
-    new, at = insert_at_depth(text, "N.", 0.5)
+    ins = lambda d: insert_at_sentences(text, ["N."], [d], snap="before")
+    assert ins(0.0)[0].startswith("N. One.") and ins(1.0)[0].endswith("three. N. ")
+    new, (at,) = ins(0.5)
     assert new[at:].startswith("N. Two") or new[at:].startswith("N. Three")
-    with pytest.raises(ValueError, match="depth must be in"):
-        insert_at_depth(text, "N.", 1.5)
+    with pytest.raises(ValueError, match="depths must be in"):
+        ins(1.5)
 
 
 def test_haystack_too_short_or_context_too_small(tok):
@@ -152,13 +152,13 @@ def test_masking_semantics_and_patching_in_the_hook():
 def test_left_padded_batch_decodes_like_single_prompts(tiny_llama):
     ps = random_prompts(3, [7, 12, 19])
     tt = TinyTok()
-    batched = greedy_decode(tiny_llama, tt, [p.ids for p in ps], 6)
-    alone = [greedy_decode(tiny_llama, tt, [p.ids], 6)[0] for p in ps]
+    batched = decode_batch(tiny_llama, tt, [p.ids for p in ps], 6)
+    alone = [decode_batch(tiny_llama, tt, [p.ids], 6)[0] for p in ps]
     assert batched == alone
     ref = tiny_llama.generate(torch.tensor([ps[2].ids]), max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=1)
     assert alone[2] == ref[0, len(ps[2].ids):].tolist()[:len(alone[2])]
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        greedy_decode(tiny_llama, tt, [[5]], 3)
+        decode_batch(tiny_llama, tt, [[5]], 3)
 
 
 def test_detection_backends_agree_and_match_a_loop(tiny_llama):
@@ -172,7 +172,7 @@ def test_detection_backends_agree_and_match_a_loop(tiny_llama):
     # the same score by an explicit loop over steps, layers and heads, from the eager weights of each decode step
     p = ps[1]; steps = []
     def on_step(step, nxt, alive, argmax): steps.append((int(nxt[0]), bool(alive[0]), {l: a[0].clone() for l, a in argmax.items()}))
-    greedy_decode(tiny_llama, tt, [p.ids], 8, backend="attentions", on_step=on_step)
+    decode_batch(tiny_llama, tt, [p.ids], 8, backend="attentions", on_step=on_step)
     want = np.zeros((2, 4)); s, e = p.span
     for token, alive, am in steps:
         for l in range(2):
@@ -239,7 +239,7 @@ def test_similarity_helpers():
     rel = head_set_relations([(0, 1)], [(0, 1), (2, 2)])
     assert rel["is_subset"] and rel["recall"] == 0.5 and rel["subset_fraction"] == 1.0
     assert cosine([1, 0], [0, 0]) != cosine([1, 0], [0, 0])  # nan for a zero vector
-    assert pearson_r([1, 2], [1, 2]) != pearson_r([1, 2], [1, 2]) and pearson_r([1, 2, 3], [2, 4, 7]) > 0.9
+    assert pearson([1, 2], [1, 2]) != pearson([1, 2], [1, 2]) and pearson([1, 2, 3], [2, 4, 7]) > 0.9
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -278,8 +278,8 @@ def test_examples_fit_contain_needles_and_are_deterministic(tok, pools, task, va
 def test_batched_encoding_equals_separate_tokenization_and_probes_find_the_answer(tok, pools):
     exs = make_examples("musique", "real", 2, tok, 420, 4, pools, seed=2) + make_examples("mdqa", "realistic-low", 2, tok, 420, 4, pools, seed=2)
     for ex, (prompt, full) in zip(exs, encode_examples(tok, exs)):
-        assert prompt == tok(render_chat(tok, ex.user_text()), add_special_tokens=False)["input_ids"]
-        assert full == tok(render_chat(tok, ex.user_text(), ex.answer), add_special_tokens=False)["input_ids"]
+        assert prompt == tok(chat_prompt(tok, None, ex.user_text()), add_special_tokens=False)["input_ids"]
+        assert full == tok(chat_prompt(tok, None, ex.user_text(), answer=ex.answer), add_special_tokens=False)["input_ids"]
         probe = task_probe(tok, ex)
         assert probe.ids == prompt and tok.decode(probe.ids[probe.span[0]:probe.span[1]]).strip() == ex.answer
     with pytest.raises(ValueError, match="document numbers"):
@@ -339,3 +339,10 @@ def test_answer_loss_and_attention_only_step(tiny_llama):
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
     with pytest.raises(ValueError, match="does not match"):
         load_attention_state(tiny_llama, {"model.nope.weight": torch.zeros(1)})
+
+
+def test_answers_stop_at_the_end_of_turn_or_a_newline(tok):
+    stops = answer_stop_ids(tok)
+    assert {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} <= stops
+    assert all(i in stops for i in tok("a\nb\n\n", add_special_tokens=False)["input_ids"] if "\n" in tok.decode([i]))
+    assert tok("Lisbon", add_special_tokens=False)["input_ids"][0] not in stops
