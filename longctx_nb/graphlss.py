@@ -437,13 +437,13 @@ def fast_rouge12(graph: dict, idx: Sequence[int]) -> tuple[float, float]:
     return 100 * _rouge_f(_ngram_counts(toks, 1), ref1), 100 * _rouge_f(_ngram_counts(toks, 2), ref2)
 
 def sentence_scores(model: nn.Module, graphs: Sequence[dict], drop: Iterable[str] = (), batch_size: int = 16) -> list[np.ndarray]:
-    "P(relevant) of every sentence of every graph."
+    "P(relevant) of every sentence of every graph (on the model's device: train_lm puts it on the GPU where there is one)."
     from torch_geometric.data import Batch
-    model.eval(); out = []
+    model.eval(); out = []; dev = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(graphs), batch_size):
             b = Batch.from_data_list([to_hetero(g, drop) for g in graphs[i:i + batch_size]])
-            p = model(b).softmax(-1)[:, 1].numpy(); ptr = b["sentence"].ptr.tolist()
+            p = model(b.to(dev)).softmax(-1)[:, 1].cpu().numpy(); ptr = b["sentence"].ptr.tolist()
             out += [p[a:z] for a, z in zip(ptr[:-1], ptr[1:])]
     return out
 
