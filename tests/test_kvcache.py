@@ -125,7 +125,7 @@ def test_record_prefill_is_the_exact_forward_and_keeps_what_methods_read(tiny):
 
 
 def test_record_then_load_equals_online(tiny):
-    from longctx_nb.shadowkv import greedy_continue
+    from longctx_nb.evals import greedy_generate
     ids = _ids(120)
     for method in (SnapKV(budget=24), QuestPages(budget=32), H2O(budget=24)):
         with torch.no_grad():
@@ -133,8 +133,8 @@ def test_record_then_load_equals_online(tiny):
             logits, recs = record_prefill(tiny, ids, window=record_window([method]))
             with method.make_cache(tiny) as c:
                 c.load_prefill(recs)
-                offline = greedy_continue(tiny, c, logits.argmax(-1), GEN["max_new_tokens"])
-        assert torch.equal(online, offline), method.label
+                offline = greedy_generate(tiny, ids, stop_ids=(), max_new_tokens=GEN["max_new_tokens"], cache=c, first_logits=logits)
+        assert torch.equal(online, torch.tensor(offline)), method.label
 
 
 def test_detach_and_garbage_collection_restore_the_model(tiny):
