@@ -41,8 +41,8 @@ class Measured:
     tables: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
     ok: bool = True
-    claims: object = None          # a core.paper_vs_ours table (the first run's is written)
     meta: dict = field(default_factory=dict)
+    claims: object = None          # a core.paper_vs_ours table (the first run's is written)
 
 
 class Lib:

@@ -79,7 +79,8 @@ def measure(lib, a) -> Measured:
     ax[1].axhline(11, color="gray", ls=":", label="paper: 11x at 128k"); ax[1].set_xlabel("L"); ax[1].set_ylabel("speedup over SDPA")
     ax[1].legend(fontsize=7); fig.suptitle(f"{core.device_name()}: tensorized attention vs SDPA flash (B=1, H=32, D=128, bf16, causal)")
     plt.close(fig)
-    return Measured(tables, {"benchmark": fig}, ok, dict(roofline=bench.attrs.get("roofline"), bf16_tolerance=BF16_TOL, lengths=lengths))
+    return Measured(tables, figures={"benchmark": fig}, ok=ok,
+                    meta=dict(roofline=bench.attrs.get("roofline"), bf16_tolerance=BF16_TOL, lengths=lengths))
 
 
 def main(argv=None) -> int:

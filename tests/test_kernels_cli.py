@@ -84,3 +84,20 @@ def test_scripts_use_names_the_package_exports(name):
     for n, *mods in gets:
         if not any(hasattr(importlib.import_module(f"longctx_nb.{m}"), n) for m in mods): missing.append(f"{'|'.join(mods)}.{n}")
     assert not missing, f"kernels/{name}.py uses names the package no longer has: {missing}"
+
+
+def test_figures_claims_and_meta_reach_the_report(tmp_path):
+    import json, matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from longctx_nb.core import paper_vs_ours
+    def measure(lib, a):
+        fig, ax = plt.subplots(figsize=(2, 2)); ax.plot([1, 2]); plt.close(fig)
+        claims = paper_vs_ours([dict(claim="speedup", paper=2.0, ours=1.5, setting_difference="fake")])
+        return _lab.Measured({"t": pd.DataFrame(dict(x=[1.0]))}, figures={"f": fig}, ok=True, meta=dict(knob=3), claims=claims)
+    assert _lab.lab_main("fake", None, measure, argv=["--out", str(tmp_path / "r")], needs_cuda=False) == 0
+    d = tmp_path / "r"
+    assert (d / "f.png").stat().st_size > 0 and pd.read_csv(d / "paper_vs_ours.csv").ours.tolist() == [1.5]
+    meta = json.loads((d / "meta.json").read_text())
+    run = next(iter(meta["runs"].values()))
+    assert run == dict(ok=True, knob=3) and meta["command"].startswith("python -m kernels.fake")
