@@ -88,9 +88,13 @@ def seed_everything(seed: int = 0, deterministic: bool = False) -> int:
     return seed
 
 def default_device(device: str | None = None):
-    "The device to run on: `device` if given (checked), else CUDA when available, else CPU."
+    "The device to run on: `device` if given (checked), else this process's GPU (`cuda:LOCAL_RANK` under a launch) when CUDA is available, else CPU."
     import torch
-    if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        if not torch.cuda.is_available(): return torch.device("cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:   # one of several processes (accelerate launch, torchrun)
+            d = torch.device("cuda", int(os.environ["LOCAL_RANK"])); torch.cuda.set_device(d); return d   # a bare "cuda" means this GPU too
+        return torch.device("cuda")
     d = torch.device(device)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} was asked for but no CUDA GPU is visible; use 'cpu' or leave device=None")
@@ -296,8 +300,9 @@ def _to_markdown(df, floatfmt=".4g") -> str:
 
 def save_report(out_dir: str | Path | None, tables: Mapping[str, Any] | None = None, figures: Mapping[str, Any] | None = None,
                 meta: Mapping | None = None, claims=None, files: Mapping[str, str | bytes] | None = None) -> Path | None:
-    "Atomically write tables (.md/.csv), figures (.png), `claims` (paper_vs_ours), extra `files` and meta.json into `out_dir`."
+    "Atomically write tables (.md/.csv), figures (.png), `claims` (paper_vs_ours), extra `files` and meta.json into `out_dir` (main process only)."
     if out_dir is None: return None
+    if int(os.environ.get("RANK", "0")) != 0: return None     # under a launch every rank runs the notebook; rank 0 alone writes
     import pandas as pd
     out = Path(out_dir).resolve(); out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -345,16 +350,16 @@ def _kernel_name() -> str:
         return "longctx-nb" if "longctx-nb" in KernelSpecManager().find_kernel_specs() else "python3"
     except Exception: return "python3"
 
-def run_notebook(nb: str | Path, config: str, reports_dir: str | Path, work_dir: str | Path, kernel_name: str | None = None,
-                 timeout: int | None = None) -> Path:
-    "Execute one notebook with papermill into reports_dir/<stem>/<config>/ (the executed copy lands there only on success)."
+def run_notebook(nb: str | Path, config: str, reports_dir: str | Path | None, work_dir: str | Path, kernel_name: str | None = None,
+                 timeout: int | None = None) -> Path | None:
+    "Execute one notebook with papermill into reports_dir/<stem>/<config>/ (the executed copy lands there only on success; `reports_dir=None`: no report)."
     import papermill as pm
-    nb = Path(nb); out_dir = (Path(reports_dir) / nb.stem / config).resolve()
+    nb = Path(nb); out_dir = None if reports_dir is None else (Path(reports_dir) / nb.stem / config).resolve()
     executed = Path(work_dir) / f"{nb.stem}-{config}.ipynb"; executed.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(nb), str(executed), parameters=dict(config=config, out_dir=str(out_dir)),
+    pm.execute_notebook(str(nb), str(executed), parameters=dict(config=config, out_dir=None if out_dir is None else str(out_dir)),
                         kernel_name=kernel_name or _kernel_name(), language="python", cwd=str(nb.parent), progress_bar=False,
                         log_output=False, execution_timeout=timeout)
-    if out_dir.exists(): shutil.copy(executed, out_dir / "notebook.ipynb")
+    if out_dir is not None and out_dir.exists(): shutil.copy(executed, out_dir / "notebook.ipynb")
     return out_dir
 
 # %% ../nbs/00_core.ipynb #b52905f6
@@ -389,9 +394,12 @@ def build_reports_index(reports_dir: str | Path) -> Path:
 def reproduce(config: str = "auto", reports_dir: str | Path | None = None, only: Iterable[str] | None = None,
               repo: str | Path | None = None, keep_going: bool = False, timeout: int | None = None) -> list[dict]:
     "Run every numbered notebook through papermill at `config`, then rebuild the reports index. Returns one status row per notebook."
-    repo = find_repo_root(repo); config = resolve_config(config)
-    reports_dir = Path(reports_dir or repo / "reports"); reports_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = repo / "build" / "executed"; results = []
+    repo = find_repo_root(repo); config = resolve_config(config); rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        reports_dir = Path(reports_dir or repo / "reports"); reports_dir.mkdir(parents=True, exist_ok=True); work_dir = repo / "build" / "executed"
+    else:   # one of several launched processes: it runs every notebook too (its kernel joins the process group) but writes nothing
+        reports_dir, work_dir = None, Path(tempfile.mkdtemp(prefix=f"longctx-rank{rank}-"))
+    results = []
     for nb in list_notebooks(repo / "nbs", only):
         t = time.perf_counter(); print(f"[reproduce] {nb.name} ({config}) ...", flush=True)
         try:
@@ -402,7 +410,7 @@ def reproduce(config: str = "auto", reports_dir: str | Path | None = None, only:
             print(f"[reproduce] {nb.name} FAILED: executed copy in {work_dir}\n{str(e)[-2000:]}", flush=True)
             if not keep_going: break
         print(f"[reproduce] {nb.name}: {'ok' if results[-1]['ok'] else 'FAILED'} in {results[-1]['wall_s']} s", flush=True)
-    build_reports_index(reports_dir)
+    if reports_dir is not None: build_reports_index(reports_dir)
     return results
 
 def reproduce_cli(argv: list[str] | None = None) -> int:

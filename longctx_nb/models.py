@@ -21,7 +21,7 @@ __all__ = ['EMBEDDED_MODELS', 'SUPPORTED_ATTENTION', 'ATTN_IMPL', 'ROPE_TYPES', 
            'load_tokenizer', 'load_causal_lm', 'repeat_kv', 'attention_mask_to_additive', 'eager_attention',
            'attention_modules', 'set_attention_hook', 'attention_hook', 'head_dim', 'rotate_half', 'apply_rope',
            'rope_tables', 'set_rope_scaling', 'token_nll', 'load_sentence_encoder', 'load_spacy', 'causal_lm_loss',
-           'train_lm']
+           'shard_batch', 'train_lm']
 
 # %% ../nbs/02_models.ipynb #efd92556
 EMBEDDED_MODELS = {
@@ -252,17 +252,51 @@ def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
     labels = batch.get("labels", ids) if isinstance(batch, Mapping) else ids
     return model(input_ids=ids, labels=labels).loss
 
+def shard_batch(batch, rank: int, world_size: int):
+    "Process `rank`'s rows `rank*B/N:(rank+1)*B/N` of a global batch: a tensor, or every tensor of a dict (other values pass through)."
+    if world_size == 1: return batch
+    if torch.is_tensor(batch): tensors = [batch]
+    elif isinstance(batch, Mapping): tensors = [v for v in batch.values() if torch.is_tensor(v)]
+    else: raise TypeError(f"a batch split across {world_size} processes must be a tensor or a dict of tensors, got {type(batch).__name__}")
+    rows = {t.shape[0] if t.ndim else None for t in tensors}
+    if len(rows) != 1 or None in rows: raise ValueError(f"every tensor of a batch needs the same number of rows, got {sorted(map(str, rows))}")
+    B = rows.pop()
+    if B % world_size: raise ValueError(f"a global batch of {B} rows does not split across {world_size} processes: use a batch size divisible by {world_size}")
+    n = B // world_size
+    if torch.is_tensor(batch): return batch[rank * n:(rank + 1) * n]
+    return {k: v[rank * n:(rank + 1) * n] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+# %% ../nbs/02_models.ipynb #e85446dc
+def _launched() -> bool:
+    "Whether this process is one of several (a launch set WORLD_SIZE > 1, or a process group of several exists)."
+    import torch.distributed as dist
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+def _train_accelerator(model: nn.Module, mixed_precision: str | None, grad_accum: int):
+    "A fresh Accelerator for one `train_lm` call: the launch's device under a launch, else the model's own device (no move)."
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
+    launched = _launched()
+    # a fresh state per call (the device and precision may differ from the last call); a launch keeps its process group (PartialState)
+    AcceleratorState._reset_state(reset_partial_state=not launched); GradientState._reset_state()
+    # PartialState(cpu=...) decides MULTI_CPU vs MULTI_GPU, and it must hear --cpu (ACCELERATE_USE_CPU) before it first initializes
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    device = PartialState(cpu=cpu).device if launched else next(model.parameters()).device
+    if mixed_precision is None: mixed_precision = "bf16" if device.type == "cuda" else "no"
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                       device_placement=launched), (None if launched else device)
+
+# %% ../nbs/02_models.ipynb #50a02594
 def train_lm(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-4, loss_fn: Callable = causal_lm_loss,
              trainable: Callable[[str], bool] | None = None, grad_accum: int = 1, warmup: int = 0, weight_decay: float = 0.0,
              max_grad_norm: float = 1.0, mixed_precision: str | None = None, gradient_checkpointing: bool = False,
              log_every: int = 10, progress: bool = True, seed: int = 0) -> list[dict]:
-    "Train `model` in place for `steps` optimizer steps on `batches` (an iterable of batches) with AdamW; returns the loss history."
-    from accelerate import Accelerator
+    "Train `model` in place for `steps` AdamW steps on `batches` (each a global batch, split across launched processes); returns the loss history."
     from tqdm.auto import tqdm
     if steps < 1: raise ValueError(f"steps must be >= 1, got {steps}")
     seed_everything(seed)
-    if mixed_precision is None: mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    acc, device = _train_accelerator(model, mixed_precision, grad_accum)
+    device = device or acc.device
     if trainable is not None:
         for n, p in model.named_parameters(): p.requires_grad_(bool(trainable(n)))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -276,13 +310,14 @@ def train_lm(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-4, 
     for step in bar:
         tot = 0.0
         for _ in range(grad_accum):
-            batch = next(it)
-            batch = {k: v.to(acc.device) for k, v in batch.items()} if isinstance(batch, Mapping) else batch.to(acc.device)
+            batch = shard_batch(next(it), acc.process_index, acc.num_processes)
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()} if isinstance(batch, Mapping) else batch.to(device)
             with acc.accumulate(model), acc.autocast():
                 loss = loss_fn(model, batch); acc.backward(loss)
                 if acc.sync_gradients and max_grad_norm: acc.clip_grad_norm_(params, max_grad_norm)
                 opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             tot += loss.detach().float().item() / grad_accum
+        tot = acc.reduce(torch.tensor(tot, dtype=torch.float64, device=acc.device), "mean").item()   # the global loss
         hist.append(dict(step=step + 1, loss=tot, lr=sched.get_last_lr()[0], seconds=time.perf_counter() - t0))
         if (step + 1) % log_every == 0 or step + 1 == steps: bar.set_postfix(loss=f"{tot:.3f}")
     model.eval()
