@@ -274,7 +274,7 @@ def _launched() -> bool:
 
 def _train_accelerator(model: nn.Module, mixed_precision: str | None, grad_accum: int):
     "A fresh Accelerator for one `train_lm` call: the launch's device under a launch, else the model's own device (no move)."
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator, PartialState, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, GradientState
     launched = _launched()
     # a fresh state per call (the device and precision may differ from the last call); a launch keeps its process group (PartialState)
@@ -283,8 +283,9 @@ def _train_accelerator(model: nn.Module, mixed_precision: str | None, grad_accum
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     device = PartialState(cpu=cpu).device if launched else next(model.parameters()).device
     if mixed_precision is None: mixed_precision = "bf16" if device.type == "cuda" else "no"
+    # split_batches: our batches are global, so the LR schedule takes one step per optimizer step (not num_processes of them)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                       device_placement=launched), (None if launched else device)
+                       device_placement=launched, dataloader_config=DataLoaderConfiguration(split_batches=True)), (None if launched else device)
 
 # %% ../nbs/02_models.ipynb #50a02594
 def train_lm(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-4, loss_fn: Callable = causal_lm_loss,
