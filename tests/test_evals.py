@@ -238,3 +238,23 @@ def test_line_retrieval_prompts_accept_a_dataset(tok):
     b = line_retrieval_prompts(tok, documents_to_dataset(docs), length=200, n=2, n_lines=3, seed=5)
     assert [p.input_ids for p in a] == [p.input_ids for p in b] and [p.key for p in a] == [p.key for p in b]
     with pytest.raises(TypeError, match="one Document"): line_retrieval_prompts(tok, docs[0], length=200, n=1)
+
+
+def test_retrieval_heads_examples_keep_their_recorded_prompts(tok):
+    "20's realism x diversity generators stay in 20; their prompts now go through evals.chat_prompt and must not change."
+    import hashlib as _h
+    from longctx_nb.data import load_corpus
+    from longctx_nb.retrieval_heads import encode_examples, make_examples, sentence_pool, task_probe
+    fx = fixture("task_examples.json")
+    pools = dict(high=sentence_pool(load_corpus("austen", "train") + load_corpus("aclsum", "train")[:20], tok, max_chars=40_000),
+                 real=sentence_pool(load_corpus("aclsum", "validation"), tok))
+    groups = {}
+    for r in fx["examples"]: groups.setdefault((r["task"], r["variant"]), []).append(r)
+    for (task, variant), rows in groups.items():
+        exs = make_examples(task, variant, fx["n"], tok, seq_len=fx["seq_len"], n_docs=fx["n_docs"], pools=pools, seed=fx["seed"])
+        for ex, (p, f), r in zip(exs, encode_examples(tok, exs), rows):
+            assert _h.sha256(ex.user_text().encode()).hexdigest() == r["user_sha"] and (ex.answer, ex.gold) == (r["answer"], r["gold"])
+            assert (len(p), sha(p), len(f), sha(f)) == (r["prompt_n"], r["prompt_sha"], r["full_n"], r["full_sha"]), (task, variant)
+            assert ex.score(ex.answer) == r["score_self"]
+            if "probe_sha" in r:
+                pr = task_probe(tok, ex); assert (sha(pr.ids), list(pr.span)) == (r["probe_sha"], r["probe_span"])
