@@ -146,8 +146,8 @@ def every_method_decodes_through_generate(d):
 def generations_are_one_tidy_row_per_method_task_sample(d):
     meta = meta_of(d)
     g = read(d, "generations")
-    assert {"method", "task", "length", "sample", "score"} <= set(g.columns)
-    assert set(g.method) == set(meta["methods"]) and set(g.task) == set(meta["tasks"])
+    assert {"method", "setting", "task", "length", "sample", "score"} <= set(g.columns)
+    assert set(g.setting) == set(meta["methods"]) and set(g.task) == set(meta["tasks"])
     p = meta["preset"]
     assert len(g) == len(meta["methods"]) * len(meta["tasks"]) * p["samples_per_task"] * len(p["lengths"])
     assert g.score.between(0, 1).all() and set(g.length) == set(p["lengths"])
@@ -156,13 +156,20 @@ def generations_are_one_tidy_row_per_method_task_sample(d):
 
 
 @check("04_evals")
-def accuracy_pivot_is_in_range(d):
+def accuracy_pivot_with_confidence_intervals(d):
     meta = meta_of(d)
     acc = read(d, "accuracy")
-    vals = acc.select_dtypes("number").to_numpy(dtype=float)
-    assert len(acc) >= 1 and vals.size and np.isfinite(vals[~np.isnan(vals)]).all()
-    assert (vals[~np.isnan(vals)] >= 0).all() and (vals[~np.isnan(vals)] <= 100).all()
-    assert any(str(m) in acc.to_string() for m in meta["methods"])
+    tasks = meta["tasks"]
+    assert acc.setting.tolist() == meta["methods"] and set(tasks) | {"average"} <= set(acc.columns)
+    v = acc[tasks + ["average"]].to_numpy(dtype=float)
+    assert np.isfinite(v).all() and (v >= 0).all() and (v <= 100).all()
+    assert np.allclose(acc.average, acc[tasks].mean(axis=1), atol=0.01)              # the average is over the tasks
+    g = read(d, "generations")
+    per_task = g.groupby(["setting", "task"]).score.mean().unstack()[tasks] * 100   # the pivot is the generations' mean score, in %
+    assert np.allclose(per_task.loc[acc.setting].to_numpy(), acc[tasks].to_numpy(), atol=0.01)
+    for col in tasks + ["average"]:
+        lo_hi = acc[f"{col} 95% CI"].map(json.loads)
+        assert all(lo - 0.1 <= x <= hi + 0.1 for x, (lo, hi) in zip(acc[col], lo_hi)), col
 
 
 # ---------------------------------------------------------------- 10-11: tensorized attention
