@@ -395,12 +395,15 @@ def reproduce(config: str = "auto", reports_dir: str | Path | None = None, only:
               repo: str | Path | None = None, keep_going: bool = False, timeout: int | None = None) -> list[dict]:
     "Run every numbered notebook through papermill at `config`, then rebuild the reports index. Returns one status row per notebook."
     repo = find_repo_root(repo); config = resolve_config(config); rank = int(os.environ.get("RANK", "0"))
+    nbs, world = list_notebooks(repo / "nbs", only), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and len(nbs) != 1:   # each notebook's kernel joins the launch's process group once; a second kernel re-joining is unreliable
+        raise ValueError(f"under a launch of {world} processes run one notebook per launch (--only NN), got {[p.stem for p in nbs]}")
     if rank == 0:
         reports_dir = Path(reports_dir or repo / "reports"); reports_dir.mkdir(parents=True, exist_ok=True); work_dir = repo / "build" / "executed"
     else:   # one of several launched processes: it runs every notebook too (its kernel joins the process group) but writes nothing
         reports_dir, work_dir = None, Path(tempfile.mkdtemp(prefix=f"longctx-rank{rank}-"))
     results = []
-    for nb in list_notebooks(repo / "nbs", only):
+    for nb in nbs:
         t = time.perf_counter(); print(f"[reproduce] {nb.name} ({config}) ...", flush=True)
         try:
             out = run_notebook(nb, config, reports_dir, work_dir, timeout=timeout)

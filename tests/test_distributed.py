@@ -142,3 +142,11 @@ def test_reproduce_writes_on_rank_0_only(monkeypatch, tmp_path, rank):
     else:
         assert calls[0]["reports_dir"] is None and not (tmp_path / "reports").exists()
         assert REPO not in calls[0]["work_dir"].parents
+
+
+def test_reproduce_under_a_launch_runs_one_notebook(monkeypatch, tmp_path):
+    "Each notebook's kernel joins the launch's process group once, so a launch runs one notebook; asking for two is an error."
+    monkeypatch.setattr(core, "run_notebook", lambda *a, **k: pytest.fail("no notebook may run"))
+    monkeypatch.setenv("RANK", "0"); monkeypatch.setenv("WORLD_SIZE", "2")
+    fails(lambda: core.reproduce("smoke", tmp_path / "reports", only=["11", "40"], repo=REPO), contains="one notebook per launch")
+    assert not (tmp_path / "reports").exists()
