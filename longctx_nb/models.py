@@ -305,7 +305,7 @@ def train_lm(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-4, 
     if gradient_checkpointing: model.gradient_checkpointing_enable(); model.config.use_cache = False
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    model, opt, sched = acc.prepare(model, opt, sched); model.train()
+    lm = model; model, opt, sched = acc.prepare(model, opt, sched); model.train()   # under a launch `model` is now DDP(lm)
     it, hist, t0 = iter(batches), [], time.perf_counter()
     bar = tqdm(range(steps), desc="train", disable=not progress or not acc.is_local_main_process)
     for step in bar:
@@ -321,7 +321,7 @@ def train_lm(model: nn.Module, batches: Iterable, steps: int, lr: float = 1e-4, 
         tot = acc.reduce(torch.tensor(tot, dtype=torch.float64, device=acc.device), "mean").item()   # the global loss
         hist.append(dict(step=step + 1, loss=tot, lr=sched.get_last_lr()[0], seconds=time.perf_counter() - t0))
         if (step + 1) % log_every == 0 or step + 1 == steps: bar.set_postfix(loss=f"{tot:.3f}")
-    model.eval()
-    if gradient_checkpointing: model.gradient_checkpointing_disable()
+    lm.eval()
+    if gradient_checkpointing: lm.gradient_checkpointing_disable()
     acc.free_memory()
     return hist

@@ -47,9 +47,10 @@ def run(out: str | Path) -> dict:
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     res, rows = dict(rank=rank, world_size=world), []
-    for name, loss_fn in [("CE", causal_lm_loss), ("LongCE", LongCELoss(trunc_len=8, sliding_window=8, window_batch=4))]:
+    # LongCE as 40's full preset runs it: with gradient checkpointing (under DDP too)
+    for name, loss_fn, ckpt in [("CE", causal_lm_loss, False), ("LongCE", LongCELoss(trunc_len=8, sliding_window=8, window_batch=4), True)]:
         model, rec = tiny_llama(seed=0), Recorded(loss_fn)
-        hist = train_lm(model, global_batches(), steps=STEPS, lr=1e-3, loss_fn=rec, progress=False)
+        hist = train_lm(model, global_batches(), steps=STEPS, lr=1e-3, loss_fn=rec, progress=False, gradient_checkpointing=ckpt)
         res[name] = dict(loss=[h["loss"] for h in hist], lr=[h["lr"] for h in hist], params=param_hash(model), device=str(next(model.parameters()).device),
                          rows=rec.rows, wrapper=rec.wrapper)
         rows += [dict(loss_fn=name, **h) for h in hist]

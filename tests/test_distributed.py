@@ -128,6 +128,8 @@ def test_save_report_writes_on_rank_0_only(monkeypatch, tmp_path):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_reproduce_writes_on_rank_0_only(monkeypatch, tmp_path, rank):
     "Every rank runs the notebooks; rank != 0 runs them with no report folder, into a temp folder, and builds no index."
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp")); (tmp_path / "tmp").mkdir()
     calls = []
     def fake_run_notebook(nb, config, reports_dir, work_dir, timeout=None):
         calls.append(dict(nb=Path(nb).stem, reports_dir=reports_dir, work_dir=Path(work_dir)))
