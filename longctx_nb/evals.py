@@ -150,7 +150,7 @@ class RulerTasks:
         return self.ids(pre), self.ids(post)
 
     def _haystack(self, rng, n: int) -> np.ndarray:
-        d, s = sample_window(rng, self.hay, n + 1)         # a window one token longer than used: the draws of the committed prompts
+        d, s = sample_window(rng, self.hay, n + 1)         # one token more than used: the seeded draws behind the committed reports
         return self.hay[d][s:s + n]
 
     def _insert(self, rng, hay: np.ndarray, pieces: list, depths=None) -> list:
