@@ -437,7 +437,7 @@ def fast_rouge12(graph: dict, idx: Sequence[int]) -> tuple[float, float]:
     return 100 * _rouge_f(_ngram_counts(toks, 1), ref1), 100 * _rouge_f(_ngram_counts(toks, 2), ref2)
 
 def sentence_scores(model: nn.Module, graphs: Sequence[dict], drop: Iterable[str] = (), batch_size: int = 16) -> list[np.ndarray]:
-    "P(relevant) of every sentence of every graph (on the model's device: train_lm puts it on the GPU where there is one)."
+    "P(relevant) of every sentence of every graph (computed on the device the model is on)."
     from torch_geometric.data import Batch
     model.eval(); out = []; dev = next(model.parameters()).device
     with torch.no_grad():
