@@ -88,9 +88,9 @@ def slots_and_counts(B, Hkv, n, seed=2, device="cpu"):
     return slots.to(device), counts.to(device)
 
 
-def gather_inputs(B, Hkv, N, C, D, k, seed=0, fp8=False):
+def gather_inputs(B, Hkv, N, C, D, k, seed=0, fp8=False, device="cpu"):
     """(v, src, scale, ids, slots, counts) for `shadowkv.gather_chunks`: chunked values v [B, Hkv, N, C*D] of varied magnitude,
-    their stored form `src` (fp8 with per-chunk `scale` when `fp8`), k chunk ids, slots and miss counts per (b, h). CPU tensors."""
+    their stored form `src` (fp8 with per-chunk `scale` when `fp8`), k chunk ids, slots and miss counts per (b, h), on `device`."""
     from longctx_nb.shadowkv import quantize_chunks_fp8
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(B, Hkv, N, C * D, generator=g) * torch.rand(B, Hkv, N, 1, generator=g) * 10
@@ -98,4 +98,4 @@ def gather_inputs(B, Hkv, N, C, D, k, seed=0, fp8=False):
     ids = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * Hkv)]).view(B, Hkv, k)
     slots = torch.stack([torch.randperm(k, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, k)
     counts = torch.randint(0, k + 1, (B, Hkv), generator=g)
-    return v, src, scale, ids, slots, counts
+    return tuple(None if t is None else t.to(device) for t in (v, src, scale, ids, slots, counts))

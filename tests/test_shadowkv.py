@@ -3,11 +3,12 @@
 Kernel-vs-reference tests run on CUDA tensors where CUDA is visible (the compiled kernel) and on CPU tensors otherwise (the Triton
 interpreter); tests that drive the interpreter through a CPU model carry `needs_interpreter`. The framework's own tests (states,
 wiring, the baselines) are in test_kvcache.py."""
+import functools
 import warnings
 import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
-from helpers import tiny_llama_config, needs_interpreter
+from helpers import tiny_llama_config, needs_interpreter, shadow_keys_inputs, gather_inputs
 from longctx_nb.models import rope_tables, rotate_half
 from longctx_nb.evals import greedy_generate
 from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill, host_empty, SnapKV, StreamingLLM, QuestPages
@@ -20,15 +21,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"    # kernel tests: the comp
 
 # ---------------------------------------------------------------- kernel
 
-def _kernel_inputs(B, S_chunks, R, Hkv, D, C, n, dtype=torch.float32, seed=0, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    S = S_chunks * C
-    U = torch.randn(B, S, R, generator=g, dtype=dtype)
-    SV = torch.randn(B, Hkv, R, D, generator=g, dtype=dtype) / R ** 0.5
-    pos = torch.randint(0, 3 * S, (B, S), generator=g)
-    cos, sin = torch.randn(3 * S, D, generator=g), torch.randn(3 * S, D, generator=g)
-    ids = torch.stack([torch.randperm(S_chunks, generator=g)[:n] for _ in range(B * Hkv)]).view(B, Hkv, n)
-    return tuple(t.to(device) for t in (U, SV, cos, sin, pos, ids))
+_kernel_inputs = functools.partial(shadow_keys_inputs, device=DEV)   # the compiled kernel on CUDA, the interpreter on CPU
 
 SHAPES = [(1, 4, 16, 1, 32, 8, 2), (2, 9, 23, 3, 64, 8, 5), (1, 7, 48, 2, 48, 5, 7), (3, 5, 17, 3, 64, 3, 4), (2, 3, 70, 2, 128, 8, 3)]
 ids_of = lambda s: "B{}-Sc{}-R{}-H{}-D{}-C{}-n{}".format(*s)
@@ -341,14 +334,7 @@ def test_sparse_step_equals_attention_over_the_kept_tokens(kernel):
 
 # ---------------------------------------------------------------- the value store: gather kernel, fp8, host memory, batch repeat
 
-def _gather_inputs(B, Hkv, N, C, D, k, seed=0, fp8=False, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(B, Hkv, N, C * D, generator=g) * torch.rand(B, Hkv, N, 1, generator=g) * 10
-    src, scale = quantize_chunks_fp8(v) if fp8 else (v, None)
-    ids = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * Hkv)]).view(B, Hkv, k)
-    slots = torch.stack([torch.randperm(k, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, k)
-    counts = torch.randint(0, k + 1, (B, Hkv), generator=g)
-    return tuple(None if t is None else t.to(device) for t in (v, src, scale, ids, slots, counts))
+_gather_inputs = gather_inputs
 
 GSHAPES = [(1, 1, 5, 8, 32, 3), (2, 3, 17, 8, 64, 5), (3, 2, 9, 5, 48, 7), (2, 2, 4, 3, 16, 4)]
 gids = lambda s: "B{}-H{}-N{}-C{}-D{}-k{}".format(*s)
