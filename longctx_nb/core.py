@@ -17,7 +17,7 @@ __all__ = ['TRITON_INTERPRET', 'CONFIGS', 'TOLERANCES', 'PEAKS', 'PAPER_VS_OURS_
            'Preset', 'resolve_config', 'choose_preset', 'seed_everything', 'default_device', 'device_name', 'Timer',
            'benchmark', 'nan_poison', 'assert_close', 'DevicePeaks', 'device_peaks', 'library_versions', 'run_meta',
            'paper_vs_ours', 'save_report', 'find_repo_root', 'list_notebooks', 'run_notebook', 'build_reports_index',
-           'reproduce', 'reproduce_cli']
+           'reproduce', 'reproduce_cli', 'notebook_parameters']
 
 # %% ../nbs/00_core.ipynb #f1fed22c
 def _cuda_available() -> bool:
@@ -351,12 +351,13 @@ def _kernel_name() -> str:
     except Exception: return "python3"
 
 def run_notebook(nb: str | Path, config: str, reports_dir: str | Path | None, work_dir: str | Path, kernel_name: str | None = None,
-                 timeout: int | None = None) -> Path | None:
-    "Execute one notebook with papermill into reports_dir/<stem>/<config>/ (the executed copy lands there only on success; `reports_dir=None`: no report)."
+                 timeout: int | None = None, parameters: Mapping[str, Any] | None = None) -> Path | None:
+    """Execute one notebook with papermill into reports_dir/<stem>/<config>/ (the executed copy lands there only on success; `reports_dir=None`:
+    no report). `parameters` sets knobs of the notebook's parameters cell beside `config` and `out_dir`."""
     import papermill as pm
     nb = Path(nb); out_dir = None if reports_dir is None else (Path(reports_dir) / nb.stem / config).resolve()
     executed = Path(work_dir) / f"{nb.stem}-{config}.ipynb"; executed.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(nb), str(executed), parameters=dict(config=config, out_dir=None if out_dir is None else str(out_dir)),
+    pm.execute_notebook(str(nb), str(executed), parameters=dict(parameters or {}, config=config, out_dir=None if out_dir is None else str(out_dir)),
                         kernel_name=kernel_name or _kernel_name(), language="python", cwd=str(nb.parent), progress_bar=False,
                         log_output=False, execution_timeout=timeout)
     if out_dir is not None and out_dir.exists(): shutil.copy(executed, out_dir / "notebook.ipynb")
@@ -392,7 +393,8 @@ def build_reports_index(reports_dir: str | Path) -> Path:
 
 # %% ../nbs/00_core.ipynb #46d12fec
 def reproduce(config: str = "auto", reports_dir: str | Path | None = None, only: Iterable[str] | None = None,
-              repo: str | Path | None = None, keep_going: bool = False, timeout: int | None = None) -> list[dict]:
+              repo: str | Path | None = None, keep_going: bool = False, timeout: int | None = None,
+              parameters: Mapping[str, Any] | None = None) -> list[dict]:
     "Run every numbered notebook through papermill at `config`, then rebuild the reports index. Returns one status row per notebook."
     repo = find_repo_root(repo); config = resolve_config(config); rank = int(os.environ.get("RANK", "0"))
     nbs, world = list_notebooks(repo / "nbs", only), int(os.environ.get("WORLD_SIZE", "1"))
@@ -406,7 +408,7 @@ def reproduce(config: str = "auto", reports_dir: str | Path | None = None, only:
     for nb in nbs:
         t = time.perf_counter(); print(f"[reproduce] {nb.name} ({config}) ...", flush=True)
         try:
-            out = run_notebook(nb, config, reports_dir, work_dir, timeout=timeout)
+            out = run_notebook(nb, config, reports_dir, work_dir, timeout=timeout, parameters=parameters)
             results.append(dict(notebook=nb.stem, config=config, ok=True, wall_s=round(time.perf_counter() - t, 1), report=str(out)))
         except Exception as e:
             results.append(dict(notebook=nb.stem, config=config, ok=False, wall_s=round(time.perf_counter() - t, 1), error=str(e)[-2000:]))
@@ -424,7 +426,22 @@ def reproduce_cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="notebook stems or number prefixes, e.g. 00 40_longppl")
     ap.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    ap.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
+                    help="a knob of the notebooks' parameters cell (repeatable), e.g. train_batch=4")
     a = ap.parse_args(argv)
-    res = reproduce(a.config, a.out, a.only, keep_going=a.keep_going, timeout=a.timeout)
+    res = reproduce(a.config, a.out, a.only, keep_going=a.keep_going, timeout=a.timeout, parameters=notebook_parameters(a.param))
     for r in res: print(f"{r['notebook']:32s} {r['config']:6s} {'ok' if r['ok'] else 'FAILED':7s} {r['wall_s']:8.1f} s")
     return 0 if res and all(r["ok"] for r in res) else 1
+
+# %% ../nbs/00_core.ipynb #9d10f774
+def notebook_parameters(pairs: Iterable[str] | None) -> dict:
+    "`KEY=VALUE` strings -> papermill parameters; a VALUE that reads as a Python literal (2, 1e-4, None, 'x') is that value, else a string."
+    import ast
+    out = {}
+    for pair in pairs or ():
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isidentifier(): raise ValueError(f"a notebook parameter is KEY=VALUE with KEY a Python name, got {pair!r}")
+        try: out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError): out[key] = value
+    return out
+

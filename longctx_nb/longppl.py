@@ -5,7 +5,7 @@
 # %% ../nbs/40_longppl.ipynb #2739f91f
 from __future__ import annotations
 import math, re, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np

@@ -141,3 +141,23 @@ def test_configure_triton_interpreter_is_idempotent():
 def test_interpreter_scalar_fix_is_in_place():
     from triton.runtime import interpreter
     assert getattr(interpreter._patch_lang_tensor, "_longctx_fixed", False) and "triton" in sys.modules
+
+
+def test_notebook_parameters_read_literals_and_refuse_bad_pairs():
+    from longctx_nb.core import notebook_parameters
+    assert notebook_parameters(["train_batch=4", "lr=1e-4", "x=None", "name=smollm2-135m", "s='a=b'"]) == \
+        dict(train_batch=4, lr=1e-4, x=None, name="smollm2-135m", s="a=b")
+    assert notebook_parameters(None) == {}
+    for bad in ("train_batch", "=4", "2x=1"):
+        fails(lambda: notebook_parameters([bad]), contains="KEY=VALUE")
+
+
+def test_reproduce_cli_passes_params_to_every_notebook(monkeypatch):
+    import longctx_nb.core as core
+    seen = {}
+    def fake_reproduce(config, out, only, keep_going=False, timeout=None, parameters=None):
+        seen.update(parameters=parameters, only=only)
+        return [dict(notebook="40_longppl", config="smoke", ok=True, wall_s=0.0)]
+    monkeypatch.setattr(core, "reproduce", fake_reproduce)
+    assert core.reproduce_cli(["--config", "smoke", "--only", "40", "--param", "train_batch=2", "--param", "lr=3e-5"]) == 0
+    assert seen == dict(parameters=dict(train_batch=2, lr=3e-5), only=["40"])
