@@ -131,13 +131,14 @@ def test_reproduce_writes_on_rank_0_only(monkeypatch, tmp_path, rank):
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp")); (tmp_path / "tmp").mkdir()
     calls = []
-    def fake_run_notebook(nb, config, reports_dir, work_dir, timeout=None):
-        calls.append(dict(nb=Path(nb).stem, reports_dir=reports_dir, work_dir=Path(work_dir)))
+    def fake_run_notebook(nb, config, reports_dir, work_dir, timeout=None, parameters=None):
+        calls.append(dict(nb=Path(nb).stem, reports_dir=reports_dir, work_dir=Path(work_dir), parameters=parameters))
         return None if reports_dir is None else Path(reports_dir) / Path(nb).stem / config
     monkeypatch.setattr(core, "run_notebook", fake_run_notebook)
     monkeypatch.setenv("RANK", str(rank)); monkeypatch.setenv("WORLD_SIZE", "2")
-    res = core.reproduce("smoke", tmp_path / "reports", only=["00"], repo=REPO)
+    res = core.reproduce("smoke", tmp_path / "reports", only=["00"], repo=REPO, parameters=dict(train_batch=2))
     assert [r["ok"] for r in res] == [True] and [c["nb"] for c in calls] == ["00_core"]
+    assert calls[0]["parameters"] == dict(train_batch=2)     # every rank gets the same knobs
     if rank == 0:
         assert calls[0]["reports_dir"] == tmp_path / "reports" and (tmp_path / "reports" / "README.md").exists()
         assert calls[0]["work_dir"] == REPO / "build" / "executed"
