@@ -99,3 +99,21 @@ def gather_inputs(B, Hkv, N, C, D, k, seed=0, fp8=False, device="cpu"):
     slots = torch.stack([torch.randperm(k, generator=g) for _ in range(B * Hkv)]).view(B, Hkv, k)
     counts = torch.randint(0, k + 1, (B, Hkv), generator=g)
     return tuple(None if t is None else t.to(device) for t in (v, src, scale, ids, slots, counts))
+
+
+def assert_dropped_caches_are_freed(model, make_caches, input_ids, **generate_kw):
+    """Each cache that `make_caches` yields, used by `model.generate` and detached, is freed when its last reference goes, with the
+    garbage collector off: no reference cycle keeps GPU buffers or pinned host memory alive (evaluation builds dozens of caches)."""
+    import gc, weakref
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for make in make_caches:
+                cache = make()
+                model.generate(input_ids, **generate_kw, past_key_values=cache)
+                cache.detach()
+                ref, name = weakref.ref(cache), type(cache).__name__
+                del cache
+                assert ref() is None, f"a dropped {name} outlived its last reference"
+    finally:
+        gc.enable()

@@ -1,13 +1,11 @@
 "KV-cache framework (longctx_nb.kvcache): the layer contract and its states, the shared prefill, the wiring, every method class, bad inputs."
-import gc
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
-from helpers import tiny_llama_config
+from helpers import tiny_llama_config, assert_dropped_caches_are_freed
 from longctx_nb.kvcache import (
     LayerState, PrefillRecord, TokenBuffer, attend, valid_from_mask, positions_from_mask, host_empty, HookedKVLayer, HookedKVCache,
     PrefillRecorder, record_prefill, record_window, KVMethod, BudgetedKV, KeptTokensLayer, ScoredEviction, FullKV, StreamingLLM,
@@ -150,19 +148,8 @@ def test_detach_and_garbage_collection_restore_the_model(tiny):
 
 
 def test_a_dropped_cache_is_freed_at_once(tiny):
-    ids = _ids(100)
-    gc.disable()
-    try:
-        with torch.no_grad():
-            for method in (QuestPages(budget=32), H2O(budget=32)):
-                cache = method.make_cache(tiny)
-                tiny.generate(ids, **GEN, past_key_values=cache)
-                cache.detach()
-                ref = weakref.ref(cache)
-                del cache
-                assert ref() is None
-    finally:
-        gc.enable()
+    assert_dropped_caches_are_freed(tiny, [lambda: QuestPages(budget=32).make_cache(tiny), lambda: H2O(budget=32).make_cache(tiny)],
+                                    _ids(100), **GEN)
 
 
 def test_a_second_cache_takes_over_and_an_unattached_one_says_so(tiny):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
-from helpers import tiny_llama_config, needs_interpreter, shadow_keys_inputs, gather_inputs
+from helpers import tiny_llama_config, needs_interpreter, shadow_keys_inputs, gather_inputs, assert_dropped_caches_are_freed
 from longctx_nb.models import rope_tables, rotate_half
 from longctx_nb.evals import greedy_generate
 from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill, host_empty, SnapKV, StreamingLLM, QuestPages
@@ -477,20 +477,8 @@ def test_cuda_runtime_exact_and_side_stream_fetch(tiny):
 
 def test_a_dropped_cache_is_freed_at_once(tiny):
     "No reference cycle: GPU buffers and pinned host memory go when the last reference does (evaluation builds dozens of caches)."
-    import gc, weakref
-    ids = _ids(100)
-    gc.disable()
-    try:
-        with torch.no_grad():
-            for make in (lambda: ShadowKVCache(tiny, budget=16, rank=8, min_prefill=16), lambda: ShadowKV(budget=16, rank=8, min_prefill=16).make_cache(tiny)):
-                cache = make()
-                tiny.generate(ids, **GEN, past_key_values=cache)
-                cache.detach()
-                ref = weakref.ref(cache)
-                del cache
-                assert ref() is None
-    finally:
-        gc.enable()
+    assert_dropped_caches_are_freed(tiny, [lambda: ShadowKVCache(tiny, budget=16, rank=8, min_prefill=16),
+                                           lambda: ShadowKV(budget=16, rank=8, min_prefill=16).make_cache(tiny)], _ids(100), **GEN)
 
 @cuda
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
