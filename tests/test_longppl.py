@@ -267,12 +267,7 @@ def test_set_rope_scaling_round_trip():
     assert rope_name(model) == "YaRN x4" and model.model.rotary_emb.attention_scaling > 1 and not torch.allclose(token_nll(model, ids), ref)
     set_rope_scaling(model, "default")
     assert torch.equal(model.model.rotary_emb.inv_freq, base) and torch.allclose(token_nll(model, ids), ref, atol=1e-6)
-    with pytest.raises(ValueError, match="rope_type must be one of"):
-        set_rope_scaling(model, "ntk", 2.0)
-    with pytest.raises(ValueError, match="factor must be >= 1"):
-        set_rope_scaling(model, "yarn", 0.5)
-    with pytest.raises(TypeError, match="rotary_emb"):
-        set_rope_scaling(torch.nn.Linear(2, 2), "yarn", 2.0)
+    # its bad inputs are tested with models.set_rope_scaling itself (test_foundation.py)
 
 
 # ------------------------------------------------------------------ record retrieval
