@@ -15,9 +15,22 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['BACKENDS', 'choose_factorization', 'normalize_shape', 'hop_order', 'fold', 'unfold', 'tensorized_attention_ref',
-           'tensorized_attention_matrix', 'TensorizedAttentionFunction', 'tensorized_attention', 'tensorized_cost',
-           'sdpa_cost', 'correctness_sweep', 'benchmark_vs_sdpa']
+__all__ = ['CAUSAL_MODES', 'BACKENDS', 'causal_mode', 'choose_factorization', 'normalize_shape', 'hop_order', 'fold', 'unfold',
+           'tensorized_attention_ref', 'tensorized_attention_matrix', 'tensorized_mask', 'causal_coverage',
+           'TensorizedAttentionFunction', 'tensorized_attention', 'tensorized_cost', 'sdpa_cost', 'correctness_sweep',
+           'benchmark_vs_sdpa']
+
+# %% ../nbs/10_tensorized_attention.ipynb #81f8e9cd
+CAUSAL_MODES = ("dominance", "complete", "none")
+
+def causal_mode(causal: bool | str) -> str:
+    """The mask mode `causal` names: True -> 'dominance' (each dimension causal on its own: the Kronecker product of per-dimension
+    masks), 'complete' (the exact causal mask, a Kronecker sum: two value streams per hop), False or 'none' -> 'none' (non-causal)."""
+    if isinstance(causal, (bool, np.bool_)): return "dominance" if causal else "none"
+    if isinstance(causal, str):
+        if causal in CAUSAL_MODES: return causal
+        raise ValueError(f"causal must be one of {CAUSAL_MODES}, True ('dominance') or False ('none'), got {causal!r}")
+    raise TypeError(f"causal must be a bool or one of {CAUSAL_MODES}, got {type(causal).__name__} {causal!r}")
 
 # %% ../nbs/10_tensorized_attention.ipynb #f2bad160
 def _balanced_factors(L: int, m: int) -> tuple[int, ...]:
@@ -88,6 +101,11 @@ def unfold(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])[:, :, :L]
 
 # %% ../nbs/10_tensorized_attention.ipynb #49ac89f7
+def _masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    "softmax(s) over the last axis restricted to `keep`; exactly 0 off `keep`, and a row with nothing kept is all 0."
+    any_key = keep.any(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(~any_key, 0.0), dim=-1).masked_fill(~keep, 0.0)
+
 def _hop_ref(qf, kf, vf, valid, dim: int, causal: bool, scale: float):
     "One hop along tensor dimension `dim` of folded [B,H,*shape,D] tensors: each fibre attends over itself."
     ax = 2 + dim
@@ -95,50 +113,104 @@ def _hop_ref(qf, kf, vf, valid, dim: int, causal: bool, scale: float):
     s = (qt @ kt.transpose(-1, -2)) * scale                                     # [B, H, ...others, n, n]
     keep = valid.movedim(dim, -1).unsqueeze(-2)                                  # key is a real token
     if causal: keep = keep & torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool, device=s.device).tril()
-    any_key = keep.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(~any_key, 0.0), dim=-1).masked_fill(~keep, 0.0)
-    return (p @ vt).movedim(-2, ax)
+    return (_masked_softmax(s, keep.expand_as(s)) @ vt).movedim(-2, ax)
+
+def _hop_complete_ref(qf, kf, af, cf, valid, dim: int, scale: float, need_a: bool):
+    """One hop of the complete mode along `dim`: (C', A'). C'[i] = softmax_{j <= i}(s_ij) over A[j] (j < i) and C[i] (j = i);
+    A'[i] = softmax over every j of s_ij, over A[j] (None unless `need_a`: only a further, outer hop reads it)."""
+    ax = 2 + dim
+    qt, kt, at, ct = (t.movedim(ax, -2) for t in (qf, kf, af, cf))
+    s = (qt @ kt.transpose(-1, -2)) * scale
+    n = s.shape[-1]; key = valid.movedim(dim, -1).unsqueeze(-2).expand_as(s)
+    pc = _masked_softmax(s, key & torch.ones(n, n, dtype=torch.bool, device=s.device).tril())
+    c = pc.tril(-1) @ at + pc.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * ct      # strictly earlier: A; the diagonal: C
+    a = (_masked_softmax(s, key) @ at).movedim(-2, ax) if need_a else None
+    return c.movedim(-2, ax), a
 
 def tensorized_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: int | Sequence[int] | None = None,
-                             causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                             causal: bool | str = True, scale: float | None = None) -> torch.Tensor:
     """Tensorized (multi-hop) attention, pure PyTorch reference (float32 inside, float64 for float64; returns q.dtype).
 
     q: [B, H, L, D]; k, v: [B, H_kv, L, D] with H % H_kv == 0 (GQA). `shape`: the tensor shape (n_1..n_m) with prod >= L
     (outermost first), an int m (choose_factorization(L, m)), or None (choose_factorization(L)). The sequence is padded at the end
-    to prod(shape) and folded row-major; then for dims m-1, ..., 0 (innermost first) every fibre along that dim attends over itself:
-    V <- softmax(Q_f K_f^T * scale + mask) V_f, with Q, K the original folded tensors, mask = causal tril (if `causal`) and
-    "key is not padding". scale defaults to 1/sqrt(D). Returns [B, H, L, D]: the output of the last hop, unfolded."""
+    to prod(shape) and folded row-major; then for dims m-1, ..., 0 (innermost first) every fibre along that dim attends over itself,
+    with Q, K the original folded tensors and keys that are padding masked. `causal` (see `causal_mode`): 'dominance' (True) -
+    V <- softmax(Q_f K_f^T * scale + tril mask) V_f per hop; 'complete' - two value streams per hop (C complete-causal, A
+    non-causal), C'[i] from A[j < i] and C[i], the exact causal mask; 'none' (False) - no causal mask. scale defaults to 1/sqrt(D).
+    Returns [B, H, L, D]: the output of the last hop, unfolded."""
     B, H, Hkv, L, D = _check_qkv(q, k, v)
-    shape = normalize_shape(L, shape)
+    mode, shape = causal_mode(causal), normalize_shape(L, shape)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kk, vv = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
     acc = torch.promote_types(q.dtype, torch.float32)   # float32 inside (float64 stays float64)
     qf, kf, vf = fold(q.to(acc), shape), fold(kk.to(acc), shape), fold(vv.to(acc), shape)
     valid = (torch.arange(math.prod(shape), device=q.device) < L).reshape(shape)
-    for dim in hop_order(len(shape)): vf = _hop_ref(qf, kf, vf, valid, dim, causal, scale)
+    order = hop_order(len(shape))
+    if mode == "complete":
+        af = vf                                          # innermost hop: A = C = V (its diagonal reads V like the rest)
+        for j, dim in enumerate(order): vf, af = _hop_complete_ref(qf, kf, af, vf, valid, dim, scale, need_a=j + 1 < len(order))
+    else:
+        for dim in order: vf = _hop_ref(qf, kf, vf, valid, dim, mode == "dominance", scale)
     return unfold(vf, L).to(q.dtype)
 
 # %% ../nbs/10_tensorized_attention.ipynb #47ab3c1f
-def tensorized_attention_matrix(q: torch.Tensor, k: torch.Tensor, shape: Sequence[int], causal: bool = True,
+def tensorized_attention_matrix(q: torch.Tensor, k: torch.Tensor, shape: Sequence[int], causal: bool | str = True,
                                 scale: float | None = None, L: int | None = None) -> torch.Tensor:
-    """The dense [B, H, N, N] matrix A = P_1 P_2 ... P_m of tensorized attention (N = prod(shape)), built entry by entry.
-    For small sizes only (tests and figures): O = A @ V_padded. q [B,H,L,D], k [B,Hkv,L,D]."""
+    """The dense [B, H, N, N] operator A of tensorized attention (N = prod(shape)), built entry by entry: O = A @ V_padded.
+    'dominance'/'none': A = P_1 P_2 ... P_m, P_k hop k's matrix. 'complete': two operators per hop, C (complete-causal) and
+    G (non-causal aggregate), from C = G = I: C <- (P_k - diag P_k) G + diag(P_k) C, G <- P^full_k G. Small sizes only. q [B,H,L,D], k [B,Hkv,L,D]."""
+    mode = causal_mode(causal)
     B, H, L0, D = q.shape; L = L0 if L is None else L; shape = tuple(shape); N = math.prod(shape)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qp = F.pad(q.double(), (0, 0, 0, N - L0)); kp = F.pad(repeat_kv(k, H // k.shape[1]).double(), (0, 0, 0, N - L0))
     strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-    A = torch.eye(N, dtype=torch.float64).expand(B, H, N, N).clone()
-    for dim in hop_order(len(shape)):          # A = P_1 P_2 ... P_m: the hop applied first is the rightmost factor
-        P = torch.zeros(B, H, N, N, dtype=torch.float64)
+    A = torch.eye(N, dtype=torch.float64).expand(B, H, N, N).clone(); G = A.clone()
+    for dim in hop_order(len(shape)):          # the hop applied first is the rightmost factor
+        P = torch.zeros(B, H, N, N, dtype=torch.float64); P_full = torch.zeros_like(P)
         for p in range(N):
             i_dim = (p // strides[dim]) % shape[dim]
             fibre = [p + (t - i_dim) * strides[dim] for t in range(shape[dim])]
-            keep = torch.tensor([(t <= i_dim or not causal) and fibre[t] < L for t in range(shape[dim])])
-            if not keep.any(): continue
+            real = torch.tensor([fibre[t] < L for t in range(shape[dim])])
+            keep = real & torch.tensor([t <= i_dim or mode == "none" for t in range(shape[dim])])
             s = torch.einsum("bhd,bhnd->bhn", qp[:, :, p], kp[:, :, fibre]) * scale
-            P[:, :, p, fibre] = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
-        A = P @ A                          # this hop acts after the ones already in A
+            if keep.any(): P[:, :, p, fibre] = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
+            if mode == "complete" and real.any(): P_full[:, :, p, fibre] = torch.softmax(s.masked_fill(~real, float("-inf")), -1)
+        if mode == "complete":
+            d = P.diagonal(dim1=-2, dim2=-1)
+            A, G = (P - torch.diag_embed(d)) @ G + d.unsqueeze(-1) * A, P_full @ G
+        else: A = P @ A                        # this hop acts after the ones already in A
     return A
+
+# %% ../nbs/10_tensorized_attention.ipynb #b316b708
+def _kron(*mats: torch.Tensor) -> torch.Tensor:
+    out = mats[0]
+    for m_ in mats[1:]: out = torch.kron(out, m_)
+    return out
+
+def tensorized_mask(shape: Sequence[int], causal: bool | str = True) -> torch.Tensor:
+    """The per-dimension masks composed into an [N, N] 0/1 matrix (float, N = prod(shape), row-major): 'dominance' the Kronecker
+    product tril(n_1) (x) ... (x) tril(n_m); 'complete' the Kronecker sum sum_{k<m} I (x)..(x) I (x) stril(n_k) (x) J (x)..(x) J
+    + I (x)..(x) I (x) tril(n_m); 'none' all ones. The support of tensorized attention's operator (before padding is removed)."""
+    mode, shape = causal_mode(causal), tuple(shape); m = len(shape)
+    tril = lambda n, diag=0: torch.ones(n, n, dtype=torch.float64).tril(diag)
+    if mode == "dominance": return _kron(*[tril(n) for n in shape])
+    if mode == "none": return torch.ones(math.prod(shape), math.prod(shape), dtype=torch.float64)
+    eye, ones = (lambda n: torch.eye(n, dtype=torch.float64)), (lambda n: torch.ones(n, n, dtype=torch.float64))
+    terms = [_kron(*[eye(n) for n in shape[:k]], tril(shape[k], -1), *[ones(n) for n in shape[k + 1:]]) for k in range(m - 1)]
+    return sum(terms, _kron(*[eye(n) for n in shape[:-1]], tril(shape[-1])))
+
+def causal_coverage(shape: Sequence[int], causal: bool | str = True, L: int | None = None) -> dict:
+    """How much of causal attention a mode reaches on a length-L sequence (default prod(shape)) folded into `shape`: the share of the
+    causal (query, key <= query) pairs reached, the mean share per token, and the tokens that cannot reach the token right before them.
+    Token p = (i_1..i_m) reaches the prod_k (i_k + 1) positions that dominate it under 'dominance', and all p + 1 under 'complete'."""
+    mode, shape = causal_mode(causal), tuple(shape); N = math.prod(shape); L = N if L is None else L
+    if mode == "none": raise ValueError("causal_coverage counts causal predecessors; causal='none' reaches every token, earlier and later")
+    if not 1 <= L <= N: raise ValueError(f"L must be in [1, prod(shape) = {N}], got {L}")
+    p = np.arange(L); idx = np.stack(np.unravel_index(p, shape), -1)
+    reached = np.prod(idx + 1, -1) if mode == "dominance" else p + 1
+    prev_ok = (idx[:-1] <= idx[1:]).all(-1) if mode == "dominance" else np.ones(L - 1, bool)   # p - 1 reachable from p
+    return dict(shape="x".join(map(str, shape)), L=L, causal=mode, pair_share=float(reached.sum() / (p + 1).sum()),
+                mean_token_share=float((reached / (p + 1)).mean()), tokens_missing_previous=int((~prev_ok).sum()))
 
 # %% ../nbs/10_tensorized_attention.ipynb #6727344b
 @triton.jit
@@ -379,22 +451,25 @@ class TensorizedAttentionFunction(torch.autograd.Function):
 def _tensorized_attention_triton(q, k, v, shape=None, causal=True, scale=None):
     "The Triton path of `tensorized_attention` (checked inputs)."
     B, H, Hkv, L, D = _check_qkv(q, k, v)
+    mode = causal_mode(causal)
+    if mode == "complete": raise ValueError("the Triton kernel implements causal='dominance' and 'none'; use backend='torch' for 'complete'")
     _check_triton_inputs(q)
     shape = normalize_shape(L, shape)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return TensorizedAttentionFunction.apply(q, k, v, shape, bool(causal), scale)
+    return TensorizedAttentionFunction.apply(q, k, v, shape, mode == "dominance", scale)
 
 # %% ../nbs/10_tensorized_attention.ipynb #be810910
 BACKENDS = ("auto", "triton", "torch")
 
 def tensorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: int | Sequence[int] | None = None,
-                         causal: bool = True, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                         causal: bool | str = True, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Tensorized attention (arXiv 2410.20926), differentiable. q [B, H, L, D]; k, v [B, H_kv, L, D] (H % H_kv == 0).
     shape: tensor shape (n_1..n_m) with prod >= L, outermost first; an int m; or None (choose_factorization(L)).
-    Hops run over dims m-1..0; each fibre attends causally (if `causal`) over itself; Q, K fixed, V updated per hop.
+    Hops run over dims m-1..0; each fibre attends over itself; Q, K fixed, V updated per hop. causal (see `causal_mode`):
+    True/'dominance' (every hop causal), 'complete' (the exact causal mask: two value streams per hop), False/'none'.
     backend: 'auto' (Triton on CUDA, else reference), 'triton', or 'torch'. Returns [B, H, L, D] in q.dtype."""
     if backend not in BACKENDS: raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v); causal_mode(causal)
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
         return tensorized_attention_ref(q, k, v, shape, causal, scale)
     return _tensorized_attention_triton(q, k, v, shape, causal, scale)
