@@ -17,8 +17,8 @@ import triton.language as tl
 # %% auto #0
 __all__ = ['CAUSAL_MODES', 'BACKENDS', 'causal_mode', 'choose_factorization', 'normalize_shape', 'hop_order', 'fold', 'unfold',
            'tensorized_attention_ref', 'tensorized_attention_matrix', 'tensorized_mask', 'causal_coverage',
-           'TensorizedAttentionFunction', 'tensorized_attention', 'tensorized_cost', 'sdpa_cost', 'correctness_sweep',
-           'benchmark_vs_sdpa']
+           'TensorizedAttentionFunction', 'TensorizedCompleteFunction', 'tensorized_attention', 'tensorized_cost',
+           'sdpa_cost', 'correctness_sweep', 'benchmark_vs_sdpa']
 
 # %% ../nbs/10_tensorized_attention.ipynb #81f8e9cd
 CAUSAL_MODES = ("dominance", "complete", "none")
@@ -212,6 +212,52 @@ def causal_coverage(shape: Sequence[int], causal: bool | str = True, L: int | No
     return dict(shape="x".join(map(str, shape)), L=L, causal=mode, pair_share=float(reached.sum() / (p + 1).sum()),
                 mean_token_share=float((reached / (p + 1)).mean()), tokens_missing_previous=int((~prev_ok).sum()))
 
+# %% ../nbs/10_tensorized_attention.ipynb #f51f1405
+@triton.jit
+def _fibre_rows(base, start, N_K, STRIDE, L, BLOCK: tl.constexpr):
+    "Rows start..start+BLOCK-1 of the fibre whose first flat position is `base`: offsets along it, flat positions (int64), real rows."
+    offs = start + tl.arange(0, BLOCK)
+    pos = base + offs.to(tl.int64) * STRIDE
+    return offs, pos, (offs < N_K) & (pos < L)
+
+@triton.jit
+def _fibre_block(pid, N_K, STRIDE, L, BLOCK: tl.constexpr):
+    """Program `pid`'s rows (programs run over the fibres, then over the BLOCK-row blocks along each): the block's index along the
+    fibre, the fibre's first flat position, and `_fibre_rows` of the block."""
+    num_b = tl.cdiv(N_K, BLOCK)
+    fib = pid // num_b; blk = pid % num_b
+    base = (fib // STRIDE).to(tl.int64) * N_K * STRIDE + (fib % STRIDE)
+    offs, pos, ok = _fibre_rows(base, blk * BLOCK, N_K, STRIDE, L, BLOCK)
+    return blk, base, offs, pos, ok
+
+@triton.jit
+def _causal_keep(offs_m, offs_n, STRICT: tl.constexpr):
+    "[M, N] causal mask along the fibre: keys up to and including the query's index, or strictly before it (STRICT)."
+    keep = offs_n[None, :] <= offs_m[:, None]
+    if STRICT: keep = offs_n[None, :] < offs_m[:, None]
+    return keep
+
+@triton.jit
+def _softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    "One key block of an online softmax in base 2 (`s` scaled by log2(e), masked with -inf): the updated (max, sum, accumulator)."
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with no key yet: keep exp2 finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+@triton.jit
+def _softmax_finish(m_i, l_i, acc):
+    "The normalized output and the log-sum-exp (log2 units; +inf for a row with no key, whose output is 0)."
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
+
+@triton.jit
+def _p_and_ds(qk, lse, delta, keep, do, v, PRECISION: tl.constexpr):
+    "One backward tile: P recomputed from the log-sum-exp (0 off `keep`), and dS = P * (dO V^T - Delta)."
+    p = tl.where(keep, tl.exp2(qk - lse[:, None]), 0.0)
+    return p, p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+
 # %% ../nbs/10_tensorized_attention.ipynb #6727344b
 @triton.jit
 def _tensorized_hop_fwd(Q, K, V, O, LSE,
@@ -221,14 +267,9 @@ def _tensorized_hop_fwd(Q, K, V, O, LSE,
                         PRECISION: tl.constexpr = "ieee"):
     "One hop: every fibre (rows base + t*STRIDE, t < N_K) attends over itself. O = softmax(Q K^T * scale + mask) V; LSE in log2 units."
     pid = tl.program_id(0); bh = tl.program_id(1)
-    num_mb = tl.cdiv(N_K, BLOCK_M)
-    fib = pid // num_mb; mb = pid % num_mb
     b = (bh // H).to(tl.int64); h = bh % H
-    base = (fib // STRIDE).to(tl.int64) * N_K * STRIDE + (fib % STRIDE)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mb, base, offs_m, pos_m, row_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
-    pos_m = base + offs_m.to(tl.int64) * STRIDE
-    row_ok = (offs_m < N_K) & (pos_m < L)
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -240,28 +281,17 @@ def _tensorized_hop_fwd(Q, K, V, O, LSE,
     hi = N_K
     if CAUSAL: hi = (mb + 1) * BLOCK_M      # keys past the diagonal block are all masked (and past N_K by col_ok)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        pos_n = base + offs_n.to(tl.int64) * STRIDE
-        col_ok = (offs_n < N_K) & (pos_n < L)
+        offs_n, pos_n, col_ok = _fibre_rows(base, start_n, N_K, STRIDE, L, BLOCK_N)
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         keep = col_ok[None, :]
-        if CAUSAL: keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with no key yet: keep exp2 finite
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+        if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, tl.where(keep, s, float("-inf")), v, PRECISION)
+    out, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(O + b * sob + h.to(tl.int64) * soh + pos_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
     tl.store(LSE + bh.to(tl.int64) * L + pos_m, lse, mask=row_ok)
 
 # %% ../nbs/10_tensorized_attention.ipynb #e6806eea
@@ -270,17 +300,12 @@ def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                            H, L, N_K, STRIDE, KV_GROUP, V_GROUP, D, qk_scale, sm_scale,
                            HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PRECISION: tl.constexpr = "ieee"):
+                           PRECISION: tl.constexpr = "ieee"):
     "Backward of one hop, per query block: Delta = rowsum(dO*O) (stored for the dK/dV kernel), DQ += scale * dS K (fp32)."
     pid = tl.program_id(0); bh = tl.program_id(1)
-    num_mb = tl.cdiv(N_K, BLOCK_M)
-    fib = pid // num_mb; mb = pid % num_mb
     b = (bh // H).to(tl.int64); h = bh % H
-    base = (fib // STRIDE).to(tl.int64) * N_K * STRIDE + (fib % STRIDE)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mb, base, offs_m, pos_m, row_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
-    pos_m = base + offs_m.to(tl.int64) * STRIDE
-    row_ok = (offs_m < N_K) & (pos_m < L)
     d_ok = offs_d < D
     qmask = row_ok[:, None] & d_ok[None, :]
     row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]     # q, o, do, dq share [B,H,L,D] layout
@@ -296,17 +321,13 @@ def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
     hi = N_K
     if CAUSAL: hi = (mb + 1) * BLOCK_M      # keys past the diagonal block are all masked (and past N_K by col_ok)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        pos_n = base + offs_n.to(tl.int64) * STRIDE
-        col_ok = (offs_n < N_K) & (pos_n < L)
+        offs_n, pos_n, col_ok = _fibre_rows(base, start_n, N_K, STRIDE, L, BLOCK_N)
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
         keep = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL: keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(keep, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
+        p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq_ptrs = DQ + b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qmask, other=0.0) + dq * sm_scale, mask=qmask)
@@ -321,14 +342,9 @@ def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     """Backward of one hop, per key block of one key/value head: loops over the query heads of its GQA group and the query blocks.
     DK += scale * dS^T Q (fp32); DV = P^T dO. V_SHARED: the hop's values are the key/value head's (first hop), so dV sums over the group."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
-    num_nb = tl.cdiv(N_K, BLOCK_N)
-    fib = pid // num_nb; nb = pid % num_nb
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
-    base = (fib // STRIDE).to(tl.int64) * N_K * STRIDE + (fib % STRIDE)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nb, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    pos_n = base + offs_n.to(tl.int64) * STRIDE
-    col_ok = (offs_n < N_K) & (pos_n < L)
     d_ok = offs_d < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -345,9 +361,7 @@ def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             v = tl.load(V + b * svb + h.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
             dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
         for start_m in range(lo, N_K, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            pos_m = base + offs_m.to(tl.int64) * STRIDE
-            row_ok = (offs_m < N_K) & (pos_m < L)
+            offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
             qmask = row_ok[:, None] & d_ok[None, :]
             row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
             q = tl.load(Q + row_off, mask=qmask, other=0.0)
@@ -355,11 +369,9 @@ def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             lse = tl.load(LSE + bh * L + pos_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * L + pos_m, mask=row_ok, other=0.0)
             keep = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL: keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(keep, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None]), 0.0)     # [BLOCK_M, BLOCK_N]
+            if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
+            p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if not V_SHARED:
             tl.store(DV + b * sdvb + h.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -375,10 +387,11 @@ def _precision(x: torch.Tensor) -> str:
     "tl.dot input precision: exact fp32 ('ieee') for float32 inputs (not TF32), the native tensor-core path otherwise."
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
-def _blocks(n_k: int, head_d: int, backward: bool = False) -> tuple[int, int, int]:
-    "(BLOCK_M, BLOCK_N, num_warps) for fibres of length n_k."
+def _blocks(n_k: int, head_d: int, backward: bool = False, streams: int = 1) -> tuple[int, int, int]:
+    "(BLOCK_M, BLOCK_N, num_warps) for fibres of length n_k; `streams=2` (the complete mode's two forward accumulators) caps BLOCK_M at 64."
     fit = max(16, triton.next_power_of_2(n_k))
     if backward: return min(64, fit), min(64, fit), 4 if head_d <= 64 else 8
+    if streams == 2: bm = min(64, fit); return bm, min(64, fit), 4 if bm * head_d <= 4096 else 8
     return min(128, fit), min(64, fit), 4 if min(128, fit) <= 64 else 8
 
 def _check_triton_inputs(q: torch.Tensor):
@@ -452,11 +465,256 @@ def _tensorized_attention_triton(q, k, v, shape=None, causal=True, scale=None):
     "The Triton path of `tensorized_attention` (checked inputs)."
     B, H, Hkv, L, D = _check_qkv(q, k, v)
     mode = causal_mode(causal)
-    if mode == "complete": raise ValueError("the Triton kernel implements causal='dominance' and 'none'; use backend='torch' for 'complete'")
     _check_triton_inputs(q)
     shape = normalize_shape(L, shape)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if mode == "complete": return TensorizedCompleteFunction.apply(q, k, v, shape, scale)
     return TensorizedAttentionFunction.apply(q, k, v, shape, mode == "dominance", scale)
+
+# %% ../nbs/10_tensorized_attention.ipynb #b095fdca
+@triton.jit
+def _tensorized_complete_fwd(Q, K, A, C, CO, AO, LSE_C, LSE_A,
+                             sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
+                             H, L, N_K, STRIDE, KV_GROUP, V_GROUP, D, qk_scale,
+                             HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """One complete-mode hop, per query block of a fibre: CO = softmax_{j<=i} over A[j] (j < i) and C[i] (j = i); AO = softmax over all j
+    of A[j] (HAS_A). DIAG_FROM_C=False (first hop, A = C = V): the diagonal reads A, so CO is causal attention. C, CO, AO share q's
+    [B, H, L, D] layout; A has its own strides (V of the key/value head in the first hop). LSE_C, LSE_A in log2 units."""
+    pid = tl.program_id(0); bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64); h = bh % H
+    mb, base, offs_m, pos_m, row_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
+    qmask = row_ok[:, None] & d_ok[None, :]
+    row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
+    q = tl.load(Q + row_off, mask=qmask, other=0.0)
+    k_base = K + b * skb + (h // KV_GROUP).to(tl.int64) * skh
+    a_base = A + b * sab + (h // V_GROUP).to(tl.int64) * sah
+    m_c = tl.full([BLOCK_M], float("-inf"), tl.float32); l_c = tl.zeros([BLOCK_M], tl.float32)
+    acc_c = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    if DIAG_FROM_C:      # the diagonal starts the C softmax: max = its score, sum = 1, accumulator = C[i]
+        k_self = tl.load(k_base + pos_m[:, None] * skl + offs_d[None, :], mask=qmask, other=0.0)
+        m_c = tl.where(row_ok, tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale, float("-inf"))
+        l_c = tl.where(row_ok, 1.0, 0.0)
+        acc_c = tl.load(C + row_off, mask=qmask, other=0.0).to(tl.float32)
+    m_a = tl.full([BLOCK_M], float("-inf"), tl.float32); l_a = tl.zeros([BLOCK_M], tl.float32)
+    acc_a = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    hi = (mb + 1) * BLOCK_M
+    for start_n in range(0, hi, BLOCK_N):           # key blocks up to the diagonal: both streams, one score tile
+        offs_n, pos_n, col_ok = _fibre_rows(base, start_n, N_K, STRIDE, L, BLOCK_N)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+        a = tl.load(a_base + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep_c = col_ok[None, :] & _causal_keep(offs_m, offs_n, DIAG_FROM_C)
+        m_c, l_c, acc_c = _softmax_step(m_c, l_c, acc_c, tl.where(keep_c, s, float("-inf")), a, PRECISION)
+        if HAS_A: m_a, l_a, acc_a = _softmax_step(m_a, l_a, acc_a, tl.where(col_ok[None, :], s, float("-inf")), a, PRECISION)
+    if HAS_A:
+        for start_n in range(hi, N_K, BLOCK_N):     # key blocks past the diagonal: the non-causal stream only
+            offs_n, pos_n, col_ok = _fibre_rows(base, start_n, N_K, STRIDE, L, BLOCK_N)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+            a = tl.load(a_base + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            m_a, l_a, acc_a = _softmax_step(m_a, l_a, acc_a, tl.where(col_ok[None, :], s, float("-inf")), a, PRECISION)
+    out, lse = _softmax_finish(m_c, l_c, acc_c)
+    tl.store(CO + row_off, out.to(CO.dtype.element_ty), mask=qmask)
+    tl.store(LSE_C + bh.to(tl.int64) * L + pos_m, lse, mask=row_ok)
+    if HAS_A:
+        out, lse = _softmax_finish(m_a, l_a, acc_a)
+        tl.store(AO + row_off, out.to(AO.dtype.element_ty), mask=qmask)
+        tl.store(LSE_A + bh.to(tl.int64) * L + pos_m, lse, mask=row_ok)
+
+# %% ../nbs/10_tensorized_attention.ipynb #73be25c2
+@triton.jit
+def _tensorized_complete_bwd_dq(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DQ, DC,
+                                sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
+                                H, L, N_K, STRIDE, KV_GROUP, V_GROUP, D, qk_scale, sm_scale,
+                                HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one complete-mode hop, per query block: DELTA_C = rowsum(dC' C') and DELTA_A = rowsum(dA' A') (stored for the dK/dA
+    kernel), DQ += scale * (dS_C + dS_A) K (fp32), and with DIAG_FROM_C the C input's gradient DC[i] = P_C[i, i] dC'[i]."""
+    pid = tl.program_id(0); bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64); h = bh % H
+    mb, base, offs_m, pos_m, row_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
+    qmask = row_ok[:, None] & d_ok[None, :]
+    row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]    # q, C, CO, AO, dCO, dAO, dq, dC
+    row_stat = bh.to(tl.int64) * L + pos_m
+    q = tl.load(Q + row_off, mask=qmask, other=0.0)
+    dco = tl.load(DCO + row_off, mask=qmask, other=0.0)
+    delta_c = tl.sum(dco.to(tl.float32) * tl.load(CO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+    tl.store(DELTA_C + row_stat, delta_c, mask=row_ok)
+    lse_c = tl.load(LSE_C + row_stat, mask=row_ok, other=0.0)
+    if HAS_A:
+        dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
+        delta_a = tl.sum(dao.to(tl.float32) * tl.load(AO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+        tl.store(DELTA_A + row_stat, delta_a, mask=row_ok)
+        lse_a = tl.load(LSE_A + row_stat, mask=row_ok, other=0.0)
+    k_base = K + b * skb + (h // KV_GROUP).to(tl.int64) * skh
+    a_base = A + b * sab + (h // V_GROUP).to(tl.int64) * sah
+    dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    if DIAG_FROM_C:      # the diagonal: score q_i.k_i, value C[i]
+        k_self = tl.load(k_base + pos_m[:, None] * skl + offs_d[None, :], mask=qmask, other=0.0)
+        p_d = tl.where(row_ok, tl.exp2(tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale - lse_c), 0.0)
+        c_in = tl.load(C + row_off, mask=qmask, other=0.0)
+        dq += (p_d * (tl.sum(dco.to(tl.float32) * c_in.to(tl.float32), 1) - delta_c))[:, None] * k_self.to(tl.float32)
+        tl.store(DC + row_off, (p_d[:, None] * dco.to(tl.float32)).to(DC.dtype.element_ty), mask=qmask)
+    hi = (mb + 1) * BLOCK_M
+    for start_n in range(0, hi, BLOCK_N):           # key blocks up to the diagonal: both streams
+        offs_n, pos_n, col_ok = _fibre_rows(base, start_n, N_K, STRIDE, L, BLOCK_N)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+        a = tl.load(a_base + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = row_ok[:, None] & col_ok[None, :]
+        p, ds = _p_and_ds(qk, lse_c, delta_c, keep & _causal_keep(offs_m, offs_n, DIAG_FROM_C), dco, a, PRECISION)
+        if HAS_A:
+            p, ds_a = _p_and_ds(qk, lse_a, delta_a, keep, dao, a, PRECISION)
+            ds += ds_a
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if HAS_A:
+        for start_n in range(hi, N_K, BLOCK_N):     # past the diagonal: the non-causal stream only
+            offs_n, pos_n, col_ok = _fibre_rows(base, start_n, N_K, STRIDE, L, BLOCK_N)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+            a = tl.load(a_base + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p, ds = _p_and_ds(qk, lse_a, delta_a, row_ok[:, None] & col_ok[None, :], dao, a, PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq_ptrs = DQ + row_off
+    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qmask, other=0.0) + dq * sm_scale, mask=qmask)
+
+# %% ../nbs/10_tensorized_attention.ipynb #1a590de5
+@triton.jit
+def _tensorized_complete_bwd_dkda(Q, K, A, C, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DK, DA,
+                                  sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
+                                  H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
+                                  HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, V_SHARED: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one complete-mode hop, per key block of one key/value head, over its GQA group's query heads and the query blocks:
+    DA = P_C^T dC' + P_A^T dA' (P_C strictly below the diagonal with DIAG_FROM_C, else causal), DK += scale * (dS_C + dS_A)^T Q (fp32),
+    each key's own diagonal term included. V_SHARED (first hop): A is the key/value head's V, so DA (= dV) sums over the group."""
+    pid = tl.program_id(0); bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
+    nb, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    if V_SHARED:
+        a = tl.load(A + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+    lo_c = (nb * BLOCK_N // BLOCK_M) * BLOCK_M      # the first query block that reaches this key block causally
+    for g in range(0, KV_GROUP):
+        h = hk * KV_GROUP + g
+        bh = b * H + h
+        if not V_SHARED:
+            a = tl.load(A + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+            da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+        if DIAG_FROM_C:  # key j as its own query: the diagonal's dS_C times q_j
+            self_off = b * sqb + h.to(tl.int64) * sqh + pos_n[:, None] * sql + offs_d[None, :]
+            q_self = tl.load(Q + self_off, mask=kv_mask, other=0.0).to(tl.float32)
+            lse_self = tl.load(LSE_C + bh * L + pos_n, mask=col_ok, other=0.0)
+            p_d = tl.where(col_ok, tl.exp2(tl.sum(q_self * k.to(tl.float32), 1) * qk_scale - lse_self), 0.0)
+            dp_d = tl.sum(tl.load(DCO + self_off, mask=kv_mask, other=0.0).to(tl.float32) *
+                          tl.load(C + self_off, mask=kv_mask, other=0.0).to(tl.float32), 1)
+            dk += (p_d * (dp_d - tl.load(DELTA_C + bh * L + pos_n, mask=col_ok, other=0.0)))[:, None] * q_self
+        if HAS_A:
+            for start_m in range(0, lo_c, BLOCK_M):     # query blocks before this key block: the non-causal stream only
+                offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
+                qmask = row_ok[:, None] & d_ok[None, :]
+                row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
+                q = tl.load(Q + row_off, mask=qmask, other=0.0)
+                dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p, ds = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0),
+                                  tl.load(DELTA_A + bh * L + pos_m, mask=row_ok, other=0.0), row_ok[:, None] & col_ok[None, :], dao, a, PRECISION)
+                da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        for start_m in range(lo_c, N_K, BLOCK_M):       # from the diagonal block on: both streams
+            offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
+            qmask = row_ok[:, None] & d_ok[None, :]
+            row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
+            q = tl.load(Q + row_off, mask=qmask, other=0.0)
+            dco = tl.load(DCO + row_off, mask=qmask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            keep = row_ok[:, None] & col_ok[None, :]
+            p, ds = _p_and_ds(qk, tl.load(LSE_C + bh * L + pos_m, mask=row_ok, other=0.0),
+                              tl.load(DELTA_C + bh * L + pos_m, mask=row_ok, other=0.0),
+                              keep & _causal_keep(offs_m, offs_n, DIAG_FROM_C), dco, a, PRECISION)
+            da += tl.dot(tl.trans(p.to(dco.dtype)), dco, input_precision=PRECISION)
+            if HAS_A:
+                dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
+                p, ds_a = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0),
+                                    tl.load(DELTA_A + bh * L + pos_m, mask=row_ok, other=0.0), keep, dao, a, PRECISION)
+                da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
+                ds += ds_a
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if not V_SHARED:
+            tl.store(DA + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
+    if V_SHARED:
+        tl.store(DA + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask, other=0.0) + dk * sm_scale, mask=kv_mask)
+
+# %% ../nbs/10_tensorized_attention.ipynb #f559be4b
+class TensorizedCompleteFunction(torch.autograd.Function):
+    """Autograd wrapper of the complete mode: forward = one `_tensorized_complete_fwd` launch per hop (streams C and A); backward = the
+    dq then the dk/dA launch per hop, in reverse."""
+    @staticmethod
+    def forward(ctx, q, k, v, shape, scale):
+        B, H, Hkv, L, D = _check_qkv(q, k, v)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        G, m = H // Hkv, len(shape); head_d = max(16, triton.next_power_of_2(D))
+        keep = any(ctx.needs_input_grad[:3])
+        a = c = v; cs, as_, lse_cs, lse_as = [], [], [], []
+        for j, dim in enumerate(hop_order(m)):
+            has_a = j + 1 < m
+            n_k, stride, n_fib = _hop_geometry(shape, dim)
+            bm, bn, warps = _blocks(n_k, head_d, streams=2 if has_a else 1)
+            co = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device); lse_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+            ao, lse_a = (torch.empty_like(co), torch.empty_like(lse_c)) if has_a else (co, lse_c)    # (unused stand-ins without HAS_A)
+            _tensorized_complete_fwd[(n_fib * triton.cdiv(n_k, bm), B * H)](
+                q, k, a, c, co, ao, lse_c, lse_a, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E,
+                HEAD_D=head_d, DIAG_FROM_C=j > 0, HAS_A=has_a, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+            if keep:
+                cs.append(co); lse_cs.append(lse_c)
+                if has_a: as_.append(ao); lse_as.append(lse_a)
+            a, c = ao, co
+        if keep: ctx.save_for_backward(q, k, v, *cs, *as_, *lse_cs, *lse_as)
+        ctx.shape, ctx.scale = shape, scale
+        return c
+
+    @staticmethod
+    def backward(ctx, do):
+        shape, scale = ctx.shape, ctx.scale; m = len(shape); sv = ctx.saved_tensors
+        q, k, v = sv[:3]; cs, as_ = sv[3:3 + m], sv[3 + m:2 + 2 * m]; lse_cs, lse_as = sv[2 + 2 * m:2 + 3 * m], sv[2 + 3 * m:]
+        B, H, L, D = q.shape; Hkv = k.shape[1]; G = H // Hkv; head_d = max(16, triton.next_power_of_2(D))
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dco, dao = do.contiguous(), None
+        for j in reversed(range(m)):
+            has_a, diag = j + 1 < m, j > 0
+            n_k, stride, n_fib = _hop_geometry(shape, hop_order(m)[j])
+            bm, bn, warps = _blocks(n_k, head_d, backward=True)
+            a, c = (v, v) if j == 0 else (as_[j - 1], cs[j - 1])
+            co, lse_c = cs[j], lse_cs[j]
+            ao, lse_a, dao = (as_[j], lse_as[j], dao) if has_a else (co, lse_c, dco)          # stand-ins without HAS_A
+            delta_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+            delta_a = torch.empty_like(delta_c) if has_a else delta_c
+            dc = torch.empty(c.shape, dtype=c.dtype, device=q.device) if diag else co          # co: stand-in, not written
+            consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+            _tensorized_complete_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
+                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale, **consts)
+            da = torch.empty(a.shape, dtype=a.dtype, device=q.device)
+            _tensorized_complete_bwd_dkda[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
+                q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, V_SHARED=(j == 0), **consts)
+            dco, dao = dc, da
+        return dq.to(q.dtype), dk.to(k.dtype), dao, None, None
 
 # %% ../nbs/10_tensorized_attention.ipynb #be810910
 BACKENDS = ("auto", "triton", "torch")
