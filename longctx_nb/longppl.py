@@ -4,23 +4,24 @@
 
 # %% ../nbs/40_longppl.ipynb #2739f91f
 from __future__ import annotations
-import math, re, warnings
+import copy, math, re, warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import *
-from .models import token_nll, set_rope_scaling
+from .data import as_documents, packed_batches
+from .models import token_nll, set_rope_scaling, train_lm, causal_lm_loss
 from .evals import RetrievalPrompt, line_retrieval_prompts, retrieval_scores
 
 # %% auto #0
-__all__ = ['OFFICIAL', 'SMOLLM2', 'KeyTokenSettings', 'window_starts', 'short_context_nll', 'lsd_lcl_mask', 'key_token_mask',
-           'short_context_nll_ref', 'KeyTokens', 'find_key_tokens', 'offsets_by_decoding', 'token_offsets',
-           'merge_intervals', 'tokens_in_intervals', 'LongPPLResult', 'longppl', 'LongCELoss', 'rope_name',
-           'score_long_context']
+__all__ = ['OFFICIAL', 'SMOLLM2', 'FINETUNE_LOSSES', 'KeyTokenSettings', 'window_starts', 'short_context_nll', 'lsd_lcl_mask',
+           'key_token_mask', 'short_context_nll_ref', 'KeyTokens', 'find_key_tokens', 'offsets_by_decoding',
+           'token_offsets', 'merge_intervals', 'tokens_in_intervals', 'LongPPLResult', 'longppl', 'LongCELoss',
+           'rope_name', 'training_batches', 'finetune_long', 'score_long_context']
 
 # %% ../nbs/40_longppl.ipynb #7d92aec2
 @dataclass(frozen=True)
@@ -268,6 +269,49 @@ def rope_name(model: nn.Module) -> str:
     "A short name of the model's RoPE scaling, e.g. 'YaRN x4'."
     p = _unwrap(model).config.rope_parameters
     return "RoPE" if p["rope_type"] == "default" else f"{dict(linear='PI', yarn='YaRN', dynamic='NTK').get(p['rope_type'], p['rope_type'])} x{p['factor']:g}"
+
+# %% ../nbs/40_longppl.ipynb #f3712625
+FINETUNE_LOSSES = ("ce", "longce")
+
+def _check_batch(b):
+    ids = b.get("input_ids") if isinstance(b, Mapping) else b
+    if not torch.is_tensor(ids) or ids.ndim != 2:
+        raise TypeError(f"a training batch must be token ids [batch, length] or a dict with input_ids, got {getattr(ids, 'shape', type(ids).__name__)}")
+    return b
+
+def _checked_batches(first, rest: Iterator):
+    "`first`, then the batches of `rest`, each checked; a clear error when they run out."
+    yield first; n = 1
+    for b in rest: n += 1; yield _check_batch(b)
+    raise ValueError(f"the training batches ran out after {n}: give at least one batch per step")
+
+def training_batches(data, tok, seq_len: int, batch_size: int, seed: int = 0, token_ids: list | None = None) -> Iterable:
+    "Endless packed [batch_size, seq_len] batches of documents `data` (Documents or a corpus Dataset), or `data` itself when it is an iterable of batches."
+    if torch.is_tensor(data) or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be documents (a list of Documents or a corpus Dataset) or an iterable of token-id batches, got {type(data).__name__}")
+    try: docs = as_documents(data)
+    except TypeError:                                        # not documents: batches (the first checked now, before any training)
+        it = iter(data); first = next(it, None)
+        if first is None: raise ValueError("data holds no batches") from None
+        return _checked_batches(_check_batch(first), it)
+    if not docs: raise ValueError("data holds no documents")
+    return packed_batches(docs, tok, seq_len, batch_size, seed=seed, token_ids=token_ids)
+
+def finetune_long(model: nn.Module, tok, data, loss: str = "ce", steps: int = 64, seed: int = 0, seq_len: int = 16384, batch_size: int = 1,
+                  lr: float = 5e-5, warmup: int = 6, rope: tuple | None = ("yarn", 4.0), longce_trunc: int = 2048, longce_window: int = 1024,
+                  max_weight: float = 5.0, window_batch: int = 8, gradient_checkpointing: bool = True, token_ids: list | None = None,
+                  inplace: bool = False, progress: bool = False) -> tuple[nn.Module, list[dict]]:
+    """Long-context fine-tune of `model` (a copy unless `inplace`): RoPE switched to `rope` (None: kept), `steps` steps of `loss` ("ce" or
+    "longce") on `data` (documents packed into [batch_size, seq_len] batches with `seed`, or an iterable of batches). Returns (model, history)."""
+    if loss not in FINETUNE_LOSSES: raise ValueError(f"loss must be one of {FINETUNE_LOSSES}, got {loss!r}")
+    loss_fn = causal_lm_loss if loss == "ce" else LongCELoss(longce_trunc, longce_window, max_weight=max_weight, window_batch=window_batch)
+    batches = training_batches(data, tok, seq_len, batch_size, seed=seed, token_ids=token_ids)
+    m = model if inplace else copy.deepcopy(model)
+    if rope is not None: set_rope_scaling(m, *rope)
+    hist = train_lm(m, batches, steps, lr=lr, loss_fn=loss_fn, warmup=warmup, gradient_checkpointing=gradient_checkpointing,
+                    progress=progress, seed=seed)
+    if loss == "longce": hist = [dict(h, **w) for h, w in zip(hist, loss_fn.history)]
+    return m, hist
 
 # %% ../nbs/40_longppl.ipynb #c8d1663d
 def score_long_context(model: nn.Module, tokenizer, texts: Sequence[str], key_tokens: Sequence[KeyTokens], prompts: Sequence[RetrievalPrompt],

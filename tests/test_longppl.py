@@ -300,3 +300,57 @@ def test_score_long_context_with_a_cut_context(smol_tok, passage):
         assert s["n_key"] == kt[0].token_mask(token_offsets(smol_tok, passage)[1])[1:].sum() and 0 <= s["accuracy"] <= 1
         assert math.isfinite(s["ppl"]) and math.isfinite(s["longppl"])
     assert full["ppl"] != cut["ppl"]
+
+
+# ------------------------------------------------------------------ the fine-tune recipe (finetune_long)
+def test_finetune_long_on_documents_trains_a_copy(smol_tok):
+    from longctx_nb.data import load_corpus
+    from longctx_nb.longppl import finetune_long, training_batches
+    docs = [d.__class__(d.id, d.text[:3000]) for d in load_corpus("austen", "train")[:2]]
+    model = _tiny(seed=9); base = [p.detach().clone() for p in model.parameters()]
+    kw = dict(steps=2, seq_len=48, batch_size=2, lr=1e-3, warmup=1, longce_trunc=16, longce_window=8, window_batch=2, gradient_checkpointing=False)
+    ce, h_ce = finetune_long(model, smol_tok, docs, loss="ce", seed=3, **kw)
+    lce, h_lce = finetune_long(model, smol_tok, docs, loss="longce", seed=3, **kw)
+    assert rope_name(model) == "RoPE" and all(torch.equal(a, b) for a, b in zip(base, model.parameters()))  # the original is untouched
+    for m, h in ((ce, h_ce), (lce, h_lce)):
+        assert m is not model and rope_name(m) == "YaRN x4" and not m.training and len(h) == 2 and all(math.isfinite(r["loss"]) for r in h)
+        assert any(not torch.equal(a, b) for a, b in zip(base, m.parameters()))
+    assert "mean_weight" not in h_ce[0] and all(0 < r["mean_weight"] <= 5 and 0 <= r["frac_up"] <= 1 for r in h_lce)
+    # one seed, one batch order for both losses; another seed, another order
+    first = lambda s: next(iter(training_batches(docs, smol_tok, 48, 2, seed=s)))
+    assert torch.equal(first(3), first(3)) and not torch.equal(first(3), first(4)) and first(3).shape == (2, 48)
+    again, _ = finetune_long(model, smol_tok, docs, loss="ce", seed=3, **kw)  # the same call gives the same weights
+    assert all(torch.equal(a, b) for a, b in zip(ce.parameters(), again.parameters()))
+
+
+def test_finetune_long_on_batches_and_in_place():
+    from longctx_nb.longppl import finetune_long
+    model = _tiny(vocab=128, seed=10)
+    batches = [torch.randint(0, 128, (2, 40)) for _ in range(3)]
+    out, hist = finetune_long(model, None, iter(batches), loss="longce", steps=3, rope=None, longce_trunc=8, longce_window=8,
+                              gradient_checkpointing=True, inplace=True)
+    assert out is model and rope_name(model) == "RoPE" and len(hist) == 3 and "frac_capped" in hist[0]
+    out, hist = finetune_long(model, None, [{"input_ids": b} for b in batches[:1]], steps=1, rope=("linear", 2.0))
+    assert rope_name(out) == "PI x2" and rope_name(model) == "RoPE" and len(hist) == 1
+
+
+@pytest.mark.parametrize("data,kw,err,match", [
+    ("batches", dict(loss="mse"), ValueError, "loss must be one of"),
+    ("tensor", {}, TypeError, "iterable of token-id batches"),
+    ("text", {}, TypeError, "iterable of token-id batches"),
+    ("strings", {}, TypeError, r"token ids \[batch, length\]"),
+    ("vectors", {}, TypeError, r"token ids \[batch, length\]"),
+    ("empty_docs", {}, ValueError, "no documents"),
+    ("no_batches", {}, ValueError, "no batches"),
+    ("batches", dict(steps=3), ValueError, "ran out after 2"),
+    ("batches", dict(steps=0), ValueError, "steps must be >= 1"),
+    ("batches", dict(rope=("ntk", 2.0)), ValueError, "rope_type must be one of"),
+    ("batches", dict(loss="longce", longce_trunc=0), ValueError, "must be >= 1"),
+], ids=["loss", "tensor", "text", "strings", "vectors", "empty_docs", "no_batches", "ran_out", "steps", "rope", "longce_trunc"])
+def test_finetune_long_bad_inputs(data, kw, err, match):
+    from longctx_nb.longppl import finetune_long
+    model = _tiny(vocab=128, seed=11)
+    data = dict(batches=[torch.randint(0, 128, (1, 16)) for _ in range(2)], tensor=torch.zeros(2, 16, dtype=torch.long), text="a text",
+                strings=["a text"], vectors=[torch.zeros(16, dtype=torch.long)], empty_docs=[], no_batches=iter([]))[data]
+    with pytest.raises(err, match=match):
+        finetune_long(model, None, data, **{"steps": 1, "gradient_checkpointing": False, **kw})
