@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run notebooks' full presets on the GPU machine, one after another, each report tarred into $OUT as soon as it exists
 # (a call stopped at its time limit still returns what finished):   bash tools/gpu/full.sh 02 10 50
+# PARAMS sets parameters-cell knobs of every notebook named (longctx-reproduce --param):  PARAMS="part=kv" bash tools/gpu/full.sh 60
 # Needs ~/stash filled by stash.sh in earlier calls of the same warm machine.
 set -uo pipefail
 S=~/stash; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,10 +16,11 @@ if [ ! -f /tmp/site/.ready ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD LONGCTX_CACHE=$S/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+params=(); for kv in ${PARAMS:-}; do params+=(--param "$kv"); done
 for nb in "$@"; do
-  python3 -c "from longctx_nb.core import reproduce_cli; import sys; sys.exit(reproduce_cli(['--config', 'full', '--only', sys.argv[1]]))" "$nb" \
+  python3 -c "from longctx_nb.core import reproduce_cli; import sys; sys.exit(reproduce_cli(['--config', 'full', '--only', *sys.argv[1:]]))" "$nb" "${params[@]}" \
     2>&1 | grep -v "Kernel is running over TCP" | tee -a "$OUT/full.log"
   d=$(ls -d reports/${nb}*/full 2>/dev/null | head -1)
-  if [ -n "$d" ]; then tar czf "$OUT/full-${nb}.tgz" "$d"; else echo "no report for $nb" | tee -a "$OUT/full.log"; fi
+  if [ -n "$d" ]; then tar czf "$OUT/full-${nb}${PARAMS:+-${PARAMS//[^A-Za-z0-9_.-]/_}}.tgz" "$d"; else echo "no report for $nb" | tee -a "$OUT/full.log"; fi
   ls build/executed/${nb}*-full.ipynb >/dev/null 2>&1 && tar czf "$OUT/executed-${nb}.tgz" build/executed/${nb}*-full.ipynb
 done
