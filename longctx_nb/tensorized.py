@@ -733,19 +733,28 @@ def tensorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shap
     return _tensorized_attention_triton(q, k, v, shape, causal, scale)
 
 # %% ../nbs/10_tensorized_attention.ipynb #5cdcbde0
-def tensorized_cost(L: int, H: int, Hkv: int, D: int, shape: Sequence[int], causal: bool = True, backward: bool = False,
+def tensorized_cost(L: int, H: int, Hkv: int, D: int, shape: Sequence[int], causal: bool | str = True, backward: bool = False,
                     B: int = 1, elem_bytes: int = 2, peaks: DevicePeaks | None = None) -> tuple[float, float, float]:
-    """(FLOPs, minimal HBM bytes, roofline-floor seconds) of tensorized attention, forward or forward+backward.
-    The floor sums max(bytes/BW, FLOPs/peak) over hops; `peaks` is a row of core.PEAKS, default H100 SXM."""
-    peaks = peaks or PEAKS["H100 SXM"]; peak, bw = peaks.flop_s, peaks.bytes_s
-    flops = bytes_ = floor = 0.0
-    for j, dim in enumerate(hop_order(len(shape))):
-        n = shape[dim]; pairs = (math.prod(shape) / n) * (n * (n + 1) / 2 if causal else n * n)
+    """(FLOPs, minimal HBM bytes, roofline-floor seconds) of tensorized attention, forward or forward+backward, in mask mode `causal`.
+    Per hop: FLOPs 2BHD (QK pairs + PV pairs) forward, 2BHD (3 QK + 2 PV pairs) more backward; bytes: q, k, the value streams read and
+    written (the complete mode: two in, two out, except the first hop's one in and the last hop's one out). The floor sums
+    max(bytes/BW, FLOPs/peak) over hops; `peaks` is a row of core.PEAKS, default H100 SXM."""
+    mode = causal_mode(causal); peaks = peaks or PEAKS["H100 SXM"]; peak, bw = peaks.flop_s, peaks.bytes_s
+    m = len(shape); flops = bytes_ = floor = 0.0
+    for j, dim in enumerate(hop_order(m)):
+        n = shape[dim]; tri, full = (math.prod(shape) / n) * n * (n + 1) / 2, (math.prod(shape) / n) * n * n
         v_heads = Hkv if j == 0 else H
-        f = 4.0 * B * H * D * pairs; by = B * L * D * elem_bytes * (2 * H + Hkv + v_heads)
+        if mode == "complete":
+            has_a = j + 1 < m
+            qk, pv = (full if has_a else tri), tri + (full if has_a else 0.0)
+            s_in, s_out = v_heads + (H if j > 0 else 0), H * (2 if has_a else 1)     # value-stream heads read / written
+        else:
+            qk = pv = tri if mode == "dominance" else full
+            s_in, s_out = v_heads, H
+        f = 2.0 * B * H * D * (qk + pv); by = B * L * D * elem_bytes * (H + Hkv + s_in + s_out)
         if backward:
-            f *= 3.5    # fwd + bwd (2.5x)
-            by += B * L * D * (elem_bytes * (3 * H + v_heads) + 4 * 2 * (H + Hkv))   # read q,o,do (+v); dv write; dq, dk fp32 read+write
+            f += 2.0 * B * H * D * (3 * qk + 2 * pv)
+            by += B * L * D * (elem_bytes * (H + 2 * s_out + s_in) + 4 * 2 * (H + Hkv))   # q, outputs and their grads; input grads; dq, dk fp32
         flops += f; bytes_ += by; floor += max(f / peak, by / bw)
     return flops, bytes_, floor
 
@@ -759,21 +768,22 @@ def sdpa_cost(L: int, H: int, D: int, causal: bool = True, backward: bool = Fals
 # %% ../nbs/10_tensorized_attention.ipynb #b7bccd2f
 def correctness_sweep(cases: Sequence[dict], dtype: torch.dtype = torch.float32, device=None, seed: int = 0) -> "pd.DataFrame":
     """Kernel (`backend='triton'`) in `dtype` vs the float32 reference (computed from the same rounded inputs), forward and backward.
-    Each case: dict(B, H, Hkv, L, D, shape, causal). Errors are max |kernel - ref| / max |ref| per output; buffers poisoned with NaN."""
+    Each case: dict(B, H, Hkv, L, D, shape, causal) with `causal` a mask mode (`causal_mode`; default True = 'dominance').
+    Errors are max |kernel - ref| / max |ref| per output; buffers poisoned with NaN."""
     import pandas as pd
     device = default_device(device); rows = []
     for c in cases:
         g = torch.Generator().manual_seed(seed)
-        B, H, Hkv, L, D = c["B"], c["H"], c["Hkv"], c["L"], c["D"]; shape = normalize_shape(L, c.get("shape")); causal = c.get("causal", True)
+        B, H, Hkv, L, D = c["B"], c["H"], c["Hkv"], c["L"], c["D"]; shape = normalize_shape(L, c.get("shape")); mode = causal_mode(c.get("causal", True))
         q, k, v = (torch.randn(B, h, L, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv))
         do = torch.randn(B, H, L, D, generator=g).to(device, dtype)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         with nan_poison():
-            o = tensorized_attention(q, k, v, shape, causal, backend="triton"); grads = torch.autograd.grad(o, (q, k, v), do)
+            o = tensorized_attention(q, k, v, shape, mode, backend="triton"); grads = torch.autograd.grad(o, (q, k, v), do)
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-        o_ref = tensorized_attention_ref(q32, k32, v32, shape, causal); grads_ref = torch.autograd.grad(o_ref, (q32, k32, v32), do.float())
+        o_ref = tensorized_attention_ref(q32, k32, v32, shape, mode); grads_ref = torch.autograd.grad(o_ref, (q32, k32, v32), do.float())
         rel = lambda a, b: ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        row = dict(case=f"B{B}-H{H}/{Hkv}-L{L}-D{D}-{'x'.join(map(str, shape))}-{'causal' if causal else 'full'}-{str(dtype).split('.')[-1]}",
+        row = dict(case=f"B{B}-H{H}/{Hkv}-L{L}-D{D}-{'x'.join(map(str, shape))}-{mode}-{str(dtype).split('.')[-1]}", causal=mode,
                    o=rel(o, o_ref), dq=rel(grads[0], grads_ref[0]), dk=rel(grads[1], grads_ref[1]), dv=rel(grads[2], grads_ref[2]),
                    nan=bool(any(not t.isfinite().all() for t in (o, *grads))))
         rows.append(row)
@@ -788,100 +798,92 @@ def _peak_mem_gb(fn) -> float:
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); fn(); torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
 
+def _time_op(op, q, k, v, bwd: bool, reps: int, warmup: int, peak: bool = True) -> dict:
+    "Median ms (and peak GiB) of op(q, k, v), or of its forward+backward with fresh gradients each rep."
+    if bwd:
+        q.requires_grad_(); k.requires_grad_(); v.requires_grad_(); do = torch.randn_like(q)
+        fn = lambda: op(q, k, v).backward(do); setup = lambda: [setattr(t, "grad", None) for t in (q, k, v)]
+    else: fn, setup = (lambda: op(q, k, v)), None
+    with torch.no_grad() if not bwd else torch.enable_grad():
+        out = dict(ms=_timed(fn, reps, warmup, setup))
+        if setup: setup()
+        if peak: out["peak_gib"] = _peak_mem_gb(fn)
+    return out
+
+def _bench_ours(make, shape, causal: str, bwd: bool, reps: int, warmup: int, need: float, mem_cap: float) -> dict:
+    "Tensorized attention in one mask mode, timed on fresh inputs from `make()`, or why not."
+    if need > mem_cap: return dict(ours_ms=float("nan"), ours_note=f"skipped: needs ~{need / 2**30:.0f} GiB")
+    try:
+        r = _time_op(lambda q, k, v: tensorized_attention(q, k, v, shape, causal), *make(), bwd, reps, warmup)
+        return dict(ours_ms=r["ms"], ours_peak_gib=r["peak_gib"], ours_note="measured")
+    except torch.cuda.OutOfMemoryError: return dict(ours_ms=float("nan"), ours_note="out of memory")
+    finally:
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+def _bench_sdpa(make, L: int, H: int, Hkv: int, bwd: bool, reps: int, warmup: int, budget_s: float, need: float, mem_cap: float,
+                pts: list, cuda: bool) -> dict:
+    """SDPA (flash backend on CUDA, math elsewhere), causal, timed while its predicted time (quadratic fit of this mode's measured
+    (L, ms) in `pts`, appended to) x reps fits `budget_s`; beyond, with fewer reps, or extrapolated and labelled so."""
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    predicted = np.mean([t / (l * l) for l, t in pts[-2:]]) * L * L if pts else None
+    r_sdpa = max(1, int(budget_s / (predicted * 1e-3)) - 1) if predicted is not None and predicted * 1e-3 * (reps + warmup) > budget_s else reps
+    fallback = lambda why: dict(sdpa_ms=predicted if predicted is not None else float("nan"),
+                                sdpa_note=f"{why}extrapolated (quadratic fit of measured lengths)" if predicted is not None else f"{why}not run")
+    if need > mem_cap or (predicted is not None and predicted * 1e-3 * 2 > budget_s): return fallback("")
+    try:
+        q, k, v = make()
+        kk, vv = (repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)) if Hkv != H else (k, v)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda else sdpa_kernel(SDPBackend.MATH):
+            r = _time_op(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, kk, vv, bwd, r_sdpa,
+                         min(warmup, 1) if r_sdpa < reps else warmup, peak=r_sdpa == reps)
+        pts.append((L, r["ms"]))
+        return dict(sdpa_ms=r["ms"], sdpa_peak_gib=r.get("peak_gib", float("nan")),
+                    sdpa_note="measured" if r_sdpa == reps else f"measured ({r_sdpa} reps)")
+    except torch.cuda.OutOfMemoryError: return fallback("out of memory; ")
+    finally:
+        if cuda: torch.cuda.empty_cache()
+
+# %% ../nbs/10_tensorized_attention.ipynb #d43ecde1
 def benchmark_vs_sdpa(lengths: Sequence[int], B: int = 1, H: int = 32, Hkv: int | None = None, D: int = 128,
                       dtype: torch.dtype = torch.bfloat16, modes: Sequence[str] = ("fwd", "fwd+bwd"), shape_for=None,
                       reps: int = 10, warmup: int = 3, sdpa_budget_s: float = 15.0, mem_fraction: float = 0.85,
-                      device=None, peaks: DevicePeaks | None = None, log=print) -> "pd.DataFrame":
-    """Median ms of tensorized attention (Triton on CUDA, the reference elsewhere) vs SDPA (flash backend on CUDA), causal.
+                      device=None, peaks: DevicePeaks | None = None, causal: bool | str | Sequence = "dominance", log=print) -> "pd.DataFrame":
+    """Median ms of tensorized attention (Triton on CUDA, the reference elsewhere) vs SDPA (flash backend on CUDA, causal), one row per
+    (L, mode, mask mode). `causal`: a mask mode or a sequence of them (`causal_mode`); all are compared with the same SDPA measurement.
     SDPA runs only while its predicted time (quadratic fit of the measured lengths) x (reps + warmup) fits `sdpa_budget_s`;
     otherwise its time is extrapolated from the fit and labelled so. Configurations predicted to exceed `mem_fraction` of GPU
     memory are skipped and labelled. `shape_for(L)` gives the tensor shape (default choose_factorization(L)). Roofline floors use
     `peaks` (a row of core.PEAKS; default this GPU's row, an H100 SXM where the GPU is unknown or absent)."""
     import pandas as pd
     device = default_device(device); Hkv = Hkv or H; cuda = device.type == "cuda"
+    causals = [causal_mode(c) for c in ([causal] if isinstance(causal, (str, bool, np.bool_)) else causal)]
     shape_for = shape_for or (lambda L: choose_factorization(L))
-    total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
-    peaks = peaks or device_peaks(default="H100 SXM")
-    from torch.nn.attention import sdpa_kernel, SDPBackend
+    mem_cap = mem_fraction * (torch.cuda.get_device_properties(device).total_memory if cuda else float("inf"))
+    peaks = peaks or device_peaks(default="H100 SXM"); eb = torch.finfo(dtype).bits // 8
     sdpa_measured = {m: [] for m in modes}; rows = []
     for L in lengths:
         shape = tuple(shape_for(L))
+        def make(L=L):
+            g = torch.Generator(device=device).manual_seed(L)
+            return [torch.randn(B, h, L, D, device=device, dtype=dtype, generator=g) for h in (H, Hkv, Hkv)]
         for mode in modes:
-            bwd = mode != "fwd"; eb = torch.finfo(dtype).bits // 8
-            row = dict(L=L, mode=mode, shape="x".join(map(str, shape)))
-            need = B * H * L * D * eb * (3 + len(shape) + (7 if bwd else 0))   # q,k,v,o,(do, saved values, fp32 dq/dk, dv)
-            def make():
-                g = torch.Generator(device=device).manual_seed(L)
-                q = torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g)
-                k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=g)
-                v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype, generator=g)
-                return q, k, v
-            # ours
-            if need > mem_fraction * total_mem:
-                row.update(ours_ms=float("nan"), ours_note=f"skipped: needs ~{need / 2**30:.0f} GiB")
-            else:
-                try:
-                    q, k, v = make()
-                    if bwd:
-                        q.requires_grad_(); k.requires_grad_(); v.requires_grad_(); do = torch.randn_like(q)
-                        fn = lambda: tensorized_attention(q, k, v, shape).backward(do)
-                        setup = lambda: [setattr(t, "grad", None) for t in (q, k, v)]
-                    else:
-                        fn = lambda: tensorized_attention(q, k, v, shape); setup = None
-                    with torch.no_grad() if not bwd else torch.enable_grad():
-                        row["ours_ms"] = _timed(fn, reps, warmup, setup)
-                        if setup: setup()
-                        row["ours_peak_gib"] = _peak_mem_gb(fn)
-                    row["ours_note"] = "measured"
-                except torch.cuda.OutOfMemoryError:
-                    row.update(ours_ms=float("nan"), ours_note="out of memory")
-                q = k = v = do = fn = setup = None
-                if cuda: torch.cuda.empty_cache()
-            flops, bytes_, floor = tensorized_cost(L, H, Hkv, D, shape, True, bwd, B, eb, peaks=peaks)
-            row.update(ours_tflops=flops / (row["ours_ms"] * 1e-3) / 1e12, ours_gbs=bytes_ / (row["ours_ms"] * 1e-3) / 1e9,
-                       ours_floor_ms=floor * 1e3, ours_roofline_frac=floor * 1e3 / row["ours_ms"])
-            # SDPA
+            bwd = mode != "fwd"
+            sdpa = _bench_sdpa(make, L, H, Hkv, bwd, reps, warmup, sdpa_budget_s, B * (H + 2 * Hkv + H) * L * D * eb * (2 if bwd else 1),
+                               mem_cap, sdpa_measured[mode], cuda)
             sflops, sfloor = sdpa_cost(L, H, D, True, bwd, B, peaks=peaks)
-            pts = sdpa_measured[mode]
-            predicted = None
-            if len(pts) >= 1:
-                c = np.mean([t / (l * l) for l, t in pts[-2:]]); predicted = c * L * L
-            if predicted is not None and predicted * 1e-3 * (reps + warmup) > sdpa_budget_s:
-                r_sdpa = max(1, int(sdpa_budget_s / (predicted * 1e-3)) - 1)
-            else: r_sdpa = reps
-            sneed = B * (H + 2 * Hkv + H) * L * D * eb * (2 if bwd else 1)
-            if sneed > mem_fraction * total_mem or (predicted is not None and predicted * 1e-3 * 2 > sdpa_budget_s):
-                row.update(sdpa_ms=predicted if predicted is not None else float("nan"),
-                           sdpa_note="extrapolated (quadratic fit of measured lengths)" if predicted is not None else "not run")
-            else:
-                try:
-                    q, k, v = make()
-                    kk, vv = (repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)) if Hkv != H else (k, v)
-                    ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda else sdpa_kernel(SDPBackend.MATH)
-                    with ctx:
-                        if bwd:
-                            q.requires_grad_(); kk.requires_grad_(); vv.requires_grad_(); do = torch.randn_like(q)
-                            sfn = lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True).backward(do)
-                            ssetup = lambda: [setattr(t, "grad", None) for t in (q, kk, vv)]
-                        else:
-                            sfn = lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True); ssetup = None
-                        with torch.no_grad() if not bwd else torch.enable_grad():
-                            row["sdpa_ms"] = _timed(sfn, r_sdpa, min(warmup, 1) if r_sdpa < reps else warmup, ssetup)
-                            if ssetup: ssetup()
-                            row["sdpa_peak_gib"] = _peak_mem_gb(sfn) if r_sdpa == reps else float("nan")
-                    row["sdpa_note"] = "measured" if r_sdpa == reps else f"measured ({r_sdpa} reps)"
-                    pts.append((L, row["sdpa_ms"]))
-                except torch.cuda.OutOfMemoryError:
-                    row.update(sdpa_ms=predicted if predicted is not None else float("nan"),
-                               sdpa_note="out of memory; extrapolated (quadratic fit)" if predicted is not None else "out of memory")
-                q = k = v = kk = vv = do = sfn = ssetup = None
-            row.update(sdpa_tflops=sflops / (row["sdpa_ms"] * 1e-3) / 1e12, sdpa_floor_ms=sfloor * 1e3,
-                       sdpa_roofline_frac=sfloor * 1e3 / row["sdpa_ms"], speedup=row["sdpa_ms"] / row["ours_ms"])
-            if cuda: torch.cuda.empty_cache()
-            log(f"L={L:>8} {mode:8s} shape={row['shape']:>12s} ours {row['ours_ms']:9.3f} ms ({row['ours_note']}) | "
-                f"sdpa {row['sdpa_ms']:10.3f} ms ({row['sdpa_note']}) | speedup {row['speedup']:7.1f}x | "
-                f"roofline frac ours {row['ours_roofline_frac']:.2f} sdpa {row['sdpa_roofline_frac']:.2f}")
-            rows.append(row)
+            sdpa.update(sdpa_tflops=sflops / (sdpa["sdpa_ms"] * 1e-3) / 1e12, sdpa_floor_ms=sfloor * 1e3, sdpa_roofline_frac=sfloor * 1e3 / sdpa["sdpa_ms"])
+            for c in causals:
+                n_saved = 2 * len(shape) - 1 if c == "complete" else len(shape)     # value tensors kept for the backward
+                need = B * H * L * D * eb * (3 + n_saved + (7 if bwd else 0))    # q,k,v, saved values, (do, grads, fp32 dq/dk)
+                row = dict(L=L, mode=mode, causal=c, shape="x".join(map(str, shape)), **_bench_ours(make, shape, c, bwd, reps, warmup, need, mem_cap))
+                flops, bytes_, floor = tensorized_cost(L, H, Hkv, D, shape, c, bwd, B, eb, peaks=peaks)
+                row.update(ours_tflops=flops / (row["ours_ms"] * 1e-3) / 1e12, ours_gbs=bytes_ / (row["ours_ms"] * 1e-3) / 1e9,
+                           ours_floor_ms=floor * 1e3, ours_roofline_frac=floor * 1e3 / row["ours_ms"], **sdpa)
+                row["speedup"] = row["sdpa_ms"] / row["ours_ms"]
+                log(f"L={L:>8} {mode:8s} {c:9s} shape={row['shape']:>12s} ours {row['ours_ms']:9.3f} ms ({row['ours_note']}) | "
+                    f"sdpa {row['sdpa_ms']:10.3f} ms ({row['sdpa_note']}) | speedup {row['speedup']:7.1f}x | "
+                    f"roofline frac ours {row['ours_roofline_frac']:.2f} sdpa {row['sdpa_roofline_frac']:.2f}")
+                rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["roofline"] = dict(device=peaks.name, peak_flops=peaks.flop_s, peak_bytes_per_s=peaks.bytes_s)
     return df

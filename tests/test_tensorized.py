@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from helpers import needs_interpreter
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
 from longctx_nb.tensorized import (choose_factorization, tensorized_attention, tensorized_attention_ref, tensorized_attention_matrix,
-                                   normalize_shape)
+                                   normalize_shape, causal_mode, tensorized_mask, causal_coverage, tensorized_cost, benchmark_vs_sdpa)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel's tensors: compiled on CUDA, the interpreter on CPU
 
@@ -105,11 +105,17 @@ CASES = [  # B, H, Hkv, L, D, shape, causal
     (1, 2, 2, 130, 16, (65, 2), True),       # long fibre: several query and key blocks per fibre
     (1, 2, 1, 19, 16, (19,), True),          # m=1
     (1, 2, 2, 40, 16, (2, 5, 2, 2), True),   # m=4
+    # the complete mode (two value streams per hop)
+    (1, 2, 1, 45, 16, (4, 4, 3), "complete"),      # m=3, GQA, padding
+    (2, 3, 3, 63, 24, (8, 8), "complete"),         # m=2, odd L, non-power-of-two D, batch 2
+    (1, 2, 1, 19, 16, (19,), "complete"),          # m=1: one causal pass
+    (1, 2, 1, 139, 16, (70, 2), "complete"),       # outermost fibre of 70: several query/key blocks, strictly-causal C pass, GQA
+    (1, 1, 1, 137, 16, (2, 70), "complete"),       # innermost fibre of 70: both streams across several blocks, past the diagonal
 ]
 
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", CASES,
-                         ids=[f"B{c[0]}-T{c[3]}-H{c[1]}/{c[2]}-D{c[4]}-{'x'.join(map(str, c[5]))}-{'causal' if c[6] else 'full'}-fp32" for c in CASES])
+                         ids=[f"B{c[0]}-T{c[3]}-H{c[1]}/{c[2]}-D{c[4]}-{'x'.join(map(str, c[5]))}-{causal_mode(c[6])}-fp32" for c in CASES])
 def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal):
     q, k, v = (t.requires_grad_() for t in rand(B, H, Hkv, L, D, seed=L, device=DEV))
     do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(9)).to(DEV)
@@ -122,13 +128,14 @@ def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_inference_path_and_noncontiguous():
+@pytest.mark.parametrize("causal", ["dominance", "complete"])
+def test_kernel_inference_path_and_noncontiguous(causal):
     "Without grad the forward drops intermediates; inputs may be non-contiguous views ([B, L, H, D] transposed)."
     B, H, L, D = 1, 2, 30, 16
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2) for _ in range(3))
-    with torch.no_grad(): o = tensorized_attention(q, k, v, (5, 6), backend="triton")
-    torch.testing.assert_close(o, tensorized_attention_ref(q, k, v, (5, 6)), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(): o = tensorized_attention(q, k, v, (5, 6), causal, backend="triton")
+    torch.testing.assert_close(o, tensorized_attention_ref(q, k, v, (5, 6), causal), rtol=1e-5, atol=1e-5)
 
 
 def test_default_shape_and_scale():
@@ -153,7 +160,11 @@ def _qkv(**kw):
     (lambda: [_qkv()[0], _qkv()[1].double(), _qkv()[2]], {}, TypeError, "share a dtype"),
     (lambda: [_qkv()[0], _qkv(L=9)[1], _qkv()[2]], {}, ValueError, "same shape|must be"),
     (lambda: _qkv(), dict(backend="flash"), ValueError, "backend must be one of"),
-], ids=["gqa-ratio", "shape-too-small", "zero-factor", "shape-string", "3d", "int-dtype", "mixed-dtype", "length-mismatch", "backend"])
+    (lambda: _qkv(), dict(causal="lower"), ValueError, r"causal must be one of \('dominance', 'complete', 'none'\)"),
+    (lambda: _qkv(), dict(causal="lower", backend="triton"), ValueError, "causal must be one of"),
+    (lambda: _qkv(), dict(causal=1), TypeError, "causal must be a bool or one of"),
+], ids=["gqa-ratio", "shape-too-small", "zero-factor", "shape-string", "3d", "int-dtype", "mixed-dtype", "length-mismatch", "backend",
+        "causal-unknown", "causal-unknown-triton", "causal-int"])
 def test_bad_inputs(make, kw, exc, match):
     with pytest.raises(exc, match=match): tensorized_attention(*make(), **kw)
 
@@ -174,5 +185,116 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 def test_kernel_bf16_on_cuda_matches_fp32_reference():
     from longctx_nb.tensorized import correctness_sweep
     sweep = correctness_sweep([dict(B=1, H=4, Hkv=2, L=1000, D=64, shape=(10, 10, 10), causal=True),
-                               dict(B=2, H=2, Hkv=2, L=777, D=128, shape=(777,), causal=True)], dtype=torch.bfloat16, device="cuda")
+                               dict(B=2, H=2, Hkv=2, L=777, D=128, shape=(777,), causal=True),
+                               dict(B=1, H=4, Hkv=2, L=1000, D=64, shape=(10, 10, 10), causal="complete"),
+                               dict(B=1, H=8, Hkv=2, L=4099, D=128, shape=(17, 16, 16), causal="complete"),
+                               dict(B=1, H=4, Hkv=1, L=3000, D=128, shape=(60, 50), causal="complete"),
+                               dict(B=1, H=4, Hkv=4, L=16384, D=128, shape=(128, 128), causal="complete"),
+                               dict(B=2, H=2, Hkv=2, L=777, D=128, shape=(777,), causal="complete")], dtype=torch.bfloat16, device="cuda")
     assert not sweep.nan.any() and (sweep[["o", "dq", "dk", "dv"]].max(axis=None) < 3e-2), sweep
+    assert (sweep.causal == "complete").sum() == 5
+
+
+# ---------------------------------------------------------------- the complete mode (the Kronecker-sum causal mask)
+def test_causal_mode():
+    assert [causal_mode(c) for c in (True, False, "dominance", "complete", "none")] == ["dominance", "none", "dominance", "complete", "none"]
+    with pytest.raises(ValueError, match="causal must be one of"): causal_mode("full")
+    with pytest.raises(TypeError, match="bool or one of"): causal_mode(None)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4), (3, 5), (2, 3, 2, 2), (6,)], ids=lambda s: "x".join(map(str, s)))
+def test_masks_are_the_kronecker_product_and_sum(shape):
+    N = math.prod(shape)
+    tri = [torch.ones(n, n, dtype=torch.float64).tril() for n in shape]
+    prod = tri[0]
+    for t in tri[1:]: prod = torch.kron(prod, t)
+    assert torch.equal(tensorized_mask(shape), prod) and torch.equal(tensorized_mask(shape, "none"), torch.ones(N, N, dtype=torch.float64))
+    assert torch.equal(tensorized_mask(shape, "complete"), torch.ones(N, N, dtype=torch.float64).tril())   # 0/1: the terms are disjoint
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,shape", [(1, 1, 1, 64, (4, 4, 4)), (2, 4, 2, 50, (4, 4, 4)), (1, 2, 1, 30, (5, 6)), (1, 1, 1, 37, (2, 5, 2, 2))],
+                         ids=["4x4x4", "pad-GQA-4x4x4", "5x6", "pad-2x5x2x2"])
+def test_complete_dense_operator_is_the_lower_triangle(B, H, Hkv, L, shape):
+    "The reference is A @ V for the dense operator; every real row reaches exactly its real predecessors, with weights summing to 1."
+    q, k, v = rand(B, H, Hkv, L, 8, seed=L, dtype=torch.float64)
+    A = tensorized_attention_matrix(q, k, shape, "complete")
+    vp = F.pad(v.repeat_interleave(H // Hkv, 1), (0, 0, 0, math.prod(shape) - L))
+    torch.testing.assert_close(tensorized_attention_ref(q, k, v, shape, "complete"), (A @ vp)[:, :, :L], rtol=1e-12, atol=1e-12)
+    N = math.prod(shape); real = torch.arange(N) < L
+    want = torch.ones(L, N, dtype=torch.bool).tril() & real[None, :]
+    assert ((A[:, :, :L] != 0) == want).all()                   # every head: no later token, no padding, every earlier token
+    torch.testing.assert_close(A[:, :, :L].sum(-1), torch.ones(B, H, L, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2), (4, 3), (2, 2, 3, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_complete_equals_kronecker_sum_on_per_dimension_scores(shape):
+    "Per-dimension q, k: the dense operator is the Kronecker-sum mask with per-dimension attentions in its blocks."
+    d, m, g = 4, len(shape), torch.Generator().manual_seed(7)
+    qb = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in shape]
+    kb = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in shape]
+    idx = torch.stack(torch.unravel_index(torch.arange(math.prod(shape)), shape), -1)
+    q = torch.cat([qb[j][idx[:, j]] for j in range(m)], -1)[None, None]
+    k = torch.cat([kb[j][idx[:, j]] for j in range(m)], -1)[None, None]
+    A = tensorized_attention_matrix(q, k, shape, "complete", scale=0.3)[0, 0]
+    s = [qb[j] @ kb[j].T * 0.3 for j in range(m)]
+    causal = [torch.softmax(s[j].masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")), -1) for j, n in enumerate(shape)]
+    full = [torch.softmax(x, -1) for x in s]
+
+    def kron(*ms):
+        out = ms[0]
+        for x in ms[1:]: out = torch.kron(out, x)
+        return out
+    diag = [torch.diag(torch.diagonal(c)) for c in causal]
+    want = sum((kron(*diag[:j], causal[j].tril(-1), *full[j + 1:]) for j in range(m - 1)), kron(*diag[:-1], causal[-1]))
+    torch.testing.assert_close(A, want, rtol=1e-12, atol=1e-12)
+
+
+def test_complete_causality_reference_exact_zero_and_every_earlier_token():
+    L = 26
+    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, L, 16, seed=1))
+    o = tensorized_attention_ref(q, k, v, (3, 3, 3), "complete")
+    for p in range(L):
+        gq, gk, gv = torch.autograd.grad(o[:, :, p].sum(), (q, k, v), retain_graph=True)
+        assert all((g_[:, :, p + 1:] == 0).all() for g_ in (gq, gk, gv))
+        assert (gv[:, :, :p + 1] != 0).any(-1).all()            # every earlier token reaches p (dominance misses most)
+
+
+def test_complete_causality_kernel_exact_zero():
+    assert _future_grad(lambda q, k, v, s: tensorized_attention(q, k, v, s, "complete", backend="triton"), points=(0, 8, 9, 17, 25),
+                        device=DEV) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_complete_one_dim_is_causal_attention(backend):
+    q, k, v = rand(1, 4, 2, 29, 16, seed=3, device=DEV if backend == "triton" else "cpu")
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(tensorized_attention(q, k, v, shape=1, causal="complete", backend=backend), want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_coverage():
+    dom, comp = causal_coverage((64, 32)), causal_coverage((64, 32), "complete")
+    assert round(dom["pair_share"], 2) == 0.52 and dom["tokens_missing_previous"] == 63       # the first token of each row but the first
+    assert comp["pair_share"] == comp["mean_token_share"] == 1.0 and comp["tokens_missing_previous"] == 0
+    for shape in [(4, 4, 4), (3, 5)]:                         # the closed forms against the composed masks
+        N = math.prod(shape); tri = torch.ones(N, N, dtype=torch.float64).tril()
+        for mode in ("dominance", "complete"):
+            M = tensorized_mask(shape, mode)
+            assert causal_coverage(shape, mode)["pair_share"] == pytest.approx((M * tri).sum().item() / tri.sum().item(), abs=1e-12)
+    with pytest.raises(ValueError, match="every token"): causal_coverage((4, 4), "none")
+    with pytest.raises(ValueError, match="L must be in"): causal_coverage((4, 4), True, L=17)
+
+
+def test_cost_modes():
+    dom, comp, none = (tensorized_cost(131072, 32, 8, 128, (64, 64, 32), c, True) for c in ("dominance", "complete", False))
+    assert comp[0] > dom[0] and comp[1] > dom[1] and comp[2] > dom[2] and none[0] > dom[0]
+    assert tensorized_cost(4096, 4, 4, 64, (4096,), "complete") == tensorized_cost(4096, 4, 4, 64, (4096,), True)
+    with pytest.raises(ValueError, match="causal must be one of"): tensorized_cost(64, 1, 1, 8, (8, 8), "lower")
+
+
+def test_benchmark_takes_several_causal_modes():
+    "On CPU the benchmark times the reference: one row per (L, pass, mask mode), SDPA measured once per (L, pass)."
+    bench = benchmark_vs_sdpa([64, 100], H=2, D=16, dtype=torch.float32, modes=("fwd",), reps=1, warmup=0, causal=("dominance", "complete"),
+                              shape_for=lambda L: choose_factorization(L, 2), log=lambda s: None)
+    assert list(zip(bench.L, bench.causal)) == [(64, "dominance"), (64, "complete"), (100, "dominance"), (100, "complete")]
+    assert (bench.ours_ms > 0).all() and (bench.ours_floor_ms > 0).all() and bench.groupby("L").sdpa_ms.nunique().eq(1).all()
+    assert bench.query("causal == 'complete'").ours_floor_ms.gt(bench.query("causal == 'dominance'").ours_floor_ms.to_numpy()).all()
