@@ -17,8 +17,9 @@ import triton.language as tl
 # %% auto #0
 __all__ = ['CAUSAL_MODES', 'BACKENDS', 'causal_mode', 'choose_factorization', 'normalize_shape', 'hop_order', 'fold', 'unfold',
            'tensorized_attention_ref', 'tensorized_attention_matrix', 'tensorized_mask', 'causal_coverage',
-           'TensorizedAttentionFunction', 'TensorizedCompleteFunction', 'tensorized_attention', 'tensorized_cost',
-           'sdpa_cost', 'correctness_sweep', 'benchmark_vs_sdpa']
+           'TensorizedAttentionFunction', 'TensorizedCompleteFunction', 'tensorized_attention',
+           'TensorizedCompleteHopFunction', 'tensorized_complete_hop', 'tensorized_cost', 'sdpa_cost',
+           'correctness_sweep', 'benchmark_vs_sdpa']
 
 # %% ../nbs/10_tensorized_attention.ipynb #81f8e9cd
 CAUSAL_MODES = ("dominance", "complete", "none")
@@ -731,6 +732,61 @@ def tensorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shap
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
         return tensorized_attention_ref(q, k, v, shape, causal, scale)
     return _tensorized_attention_triton(q, k, v, shape, causal, scale)
+
+# %% ../nbs/10_tensorized_attention.ipynb #aca026b7
+class TensorizedCompleteHopFunction(torch.autograd.Function):
+    "One complete-mode hop over fibre batches (q, a, c [BF, H, n, D], k [BF, H_kv, n, D]): the complete kernels with STRIDE 1, one launch each."
+    @staticmethod
+    def forward(ctx, q, k, a, c, scale, need_a):
+        q, k, a, c = (t.contiguous() for t in (q, k, a, c))
+        BF, H, n, D = q.shape; G = H // k.shape[1]; head_d = max(16, triton.next_power_of_2(D))
+        bm, bn, warps = _blocks(n, head_d, streams=2 if need_a else 1)
+        co = torch.empty_like(q); lse_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device)
+        ao, lse_a = (torch.empty_like(q), torch.empty_like(lse_c)) if need_a else (co, lse_c)
+        _tensorized_complete_fwd[(triton.cdiv(n, bm), BF * H)](
+            q, k, a, c, co, ao, lse_c, lse_a, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3], H, n, n, 1, G, 1, D, scale * _LOG2E,
+            HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+        ctx.save_for_backward(q, k, a, c, co, ao, lse_c, lse_a); ctx.scale, ctx.need_a = scale, need_a
+        return (co, ao) if need_a else co
+
+    @staticmethod
+    def backward(ctx, dco, dao=None):
+        q, k, a, c, co, ao, lse_c, lse_a = ctx.saved_tensors; scale, need_a = ctx.scale, ctx.need_a
+        BF, H, n, D = q.shape; Hkv = k.shape[1]; head_d = max(16, triton.next_power_of_2(D))
+        bm, bn, warps = _blocks(n, head_d, backward=True)
+        dco = dco.contiguous(); dao = dao.contiguous() if need_a else dco
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device); dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c
+        dc, da = torch.empty_like(c), torch.empty_like(a)
+        consts = dict(HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+        _tensorized_complete_bwd_dq[(triton.cdiv(n, bm), BF * H)](
+            q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+            H, n, n, 1, H // Hkv, 1, D, scale * _LOG2E, scale, **consts)
+        _tensorized_complete_bwd_dkda[(triton.cdiv(n, bn), BF * Hkv)](
+            q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+            H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, V_SHARED=False, **consts)
+        return dq.to(q.dtype), dk.to(k.dtype), da, dc, None, None
+
+def tensorized_complete_hop(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, c: torch.Tensor, scale: float | None = None,
+                            need_a: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One hop of the complete mode on a batch of fibres, differentiable in q, k, a, c. q, a, c [BF, H, n, D]; k [BF, H_kv, n, D]; each
+    batch row is one fibre, in order. Returns (C', A' or None): C'[i] = softmax_{j<=i}(q_i.k_j * scale) over a[j] (j < i) and c[i] (j = i);
+    A'[i] = softmax over every j, over a[j] (only if `need_a`). backend as in `tensorized_attention`."""
+    if backend not in BACKENDS: raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    BF, H, Hkv, n, D = _check_qkv(q, k, k)
+    for name, t in (("a", a), ("c", c)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be a tensor like q ({tuple(q.shape)}, {q.dtype}, {q.device}), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        co, ao = _hop_complete_ref(q.to(acc), repeat_kv(k, H // Hkv).to(acc), a.to(acc), c.to(acc),
+                                   torch.ones(n, dtype=torch.bool, device=q.device), 0, scale, need_a)
+        return co.to(q.dtype), (ao.to(q.dtype) if need_a else None)
+    _check_triton_inputs(q)
+    out = TensorizedCompleteHopFunction.apply(q, k, a, c, scale, bool(need_a))
+    return out if need_a else (out, None)
 
 # %% ../nbs/10_tensorized_attention.ipynb #5cdcbde0
 def tensorized_cost(L: int, H: int, Hkv: int, D: int, shape: Sequence[int], causal: bool | str = True, backward: bool = False,

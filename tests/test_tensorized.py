@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from helpers import needs_interpreter
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
 from longctx_nb.tensorized import (choose_factorization, tensorized_attention, tensorized_attention_ref, tensorized_attention_matrix,
-                                   normalize_shape, causal_mode, tensorized_mask, causal_coverage, tensorized_cost, benchmark_vs_sdpa)
+                                   normalize_shape, causal_mode, tensorized_mask, causal_coverage, tensorized_cost, benchmark_vs_sdpa,
+                                   tensorized_complete_hop, fold, unfold, hop_order)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel's tensors: compiled on CUDA, the interpreter on CPU
 
@@ -298,3 +299,40 @@ def test_benchmark_takes_several_causal_modes():
     assert list(zip(bench.L, bench.causal)) == [(64, "dominance"), (64, "complete"), (100, "dominance"), (100, "complete")]
     assert (bench.ours_ms > 0).all() and (bench.ours_floor_ms > 0).all() and bench.groupby("L").sdpa_ms.nunique().eq(1).all()
     assert bench.query("causal == 'complete'").ours_floor_ms.gt(bench.query("causal == 'dominance'").ours_floor_ms.to_numpy()).all()
+
+
+# ---------------------------------------------------------------- one complete-mode hop as an op (for models whose q, k change per hop)
+@pytest.mark.parametrize("need_a", [True, False], ids=["with-A", "C-only"])
+def test_complete_hop_kernel_matches_reference(need_a):
+    g = torch.Generator().manual_seed(11)
+    q, k, a, c = (torch.randn(3, h, 21, 16, generator=g).to(DEV).requires_grad_() for h in (2, 1, 2, 2))   # GQA 2:1, odd fibre
+    outs = [o for o in tensorized_complete_hop(q, k, a, c, need_a=need_a, backend="triton") if o is not None]
+    refs = [o for o in tensorized_complete_hop(q, k, a, c, need_a=need_a, backend="torch") if o is not None]
+    assert len(outs) == len(refs) == (2 if need_a else 1)
+    w = [torch.randn(o.shape, generator=g).to(DEV) for o in refs]
+    got = torch.autograd.grad(sum((o * w_).sum() for o, w_ in zip(outs, w)), (q, k, a, c))
+    want = torch.autograd.grad(sum((o * w_).sum() for o, w_ in zip(refs, w)), (q, k, a, c))
+    for x, y in [*zip(outs, refs), *zip(got, want)]:
+        assert x.isfinite().all()
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_complete_hops_compose_to_the_complete_mode():
+    "Hops over fibre batches, innermost first (A = C = V at the first), give tensorized_attention_ref(causal='complete')."
+    q, k, v = rand(2, 4, 2, 24, 8, seed=6, dtype=torch.float64)
+    shape, (B, H, L, D) = (4, 3, 2), q.shape
+    qf, kf = fold(q, shape), fold(k, shape); a = c = fold(v.repeat_interleave(2, 1), shape)
+    for j, dim in enumerate(hop_order(3)):
+        fib = lambda t: t.movedim(2 + dim, -2).movedim(1, -3).reshape(-1, t.shape[1], shape[dim], D)
+        back = lambda t: t.reshape(B, *[n for i, n in enumerate(shape) if i != dim], H, shape[dim], D).movedim(-3, 1).movedim(-2, 2 + dim)
+        co, ao = tensorized_complete_hop(fib(qf), fib(kf), fib(a), fib(c), need_a=j < 2)
+        c, a = back(co), (back(ao) if j < 2 else None)
+        assert (ao is None) == (j == 2)
+    torch.testing.assert_close(unfold(c, L), tensorized_attention_ref(q, k, v, shape, "complete"), rtol=1e-12, atol=1e-12)
+
+
+def test_complete_hop_bad_inputs():
+    q, k, v = rand(2, 2, 1, 8, 4)
+    with pytest.raises(ValueError, match="a must be a tensor like q"): tensorized_complete_hop(q, k, v, q)
+    with pytest.raises(ValueError, match="multiple of key/value heads"): tensorized_complete_hop(q, rand(2, 3, 3, 8, 4)[1], q, q)
+    with pytest.raises(ValueError, match="backend must be one of"): tensorized_complete_hop(q, k, q, q, backend="flash")
