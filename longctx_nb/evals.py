@@ -24,8 +24,8 @@ __all__ = ['RULER_TASKS', 'DEFAULT_NEEDLES', 'NIAH_INSTRUCTION', 'RETRIEVAL_HEAD
            'pad_to_length', 'fit_length', 'RulerTasks', 'Needle', 'Prompt', 'encode_with_offsets', 'token_span',
            'build_niah_prompt', 'niah_prompts', 'RetrievalPrompt', 'line_retrieval_prompts', 'retrieval_scores',
            'string_match_all', 'normalize_answer', 'token_f1', 'parse_citations', 'citation_f1', 'rouge', 'score',
-           'pearson', 'spearman', 'bootstrap_ci', 'stop_token_ids', 'left_pad', 'greedy_generate', 'evaluate',
-           'accuracy_table']
+           'pearson', 'spearman', 'bootstrap_ci', 'stop_token_ids', 'left_pad', 'greedy_generate', 'DecodedBatch',
+           'evaluate', 'accuracy_table']
 
 # %% ../nbs/04_evals.ipynb #44181f82
 @dataclass
@@ -608,13 +608,29 @@ def _hit_rate(cache) -> float:
     st = cache.stats() if hasattr(cache, "stats") else {}
     return float(st.get("hit_rate", float("nan")))
 
+@dataclass
+class DecodedBatch:
+    "What `evaluate` hands `on_batch` after one method decoded one batch (the cache is detached; the records are shared by every method)."
+    setting: str
+    method: object
+    cache: object
+    records: list
+    logits: torch.Tensor          # [B, V] the exact prefill's last-position logits
+    input_ids: torch.Tensor       # [B, S]
+    samples: list
+    indices: list                 # each sample's index in evaluate's `samples`
+    outputs: list                 # generated token ids per row (up to and including a stop id)
+    decode_s: float               # seconds to build the cache and decode the batch
+
+
 # %% ../nbs/04_evals.ipynb #fd1178db
 @torch.no_grad()
 def evaluate(methods, samples: Sequence[TaskSample], model: nn.Module, tok, batch_size: int = 8, max_new_tokens: int | None = None,
-             window: int | None | str = "auto", progress: bool = False, max_chars: int = 200) -> "pd.DataFrame":
+             window: int | None | str = "auto", progress: bool = False, max_chars: int = 200,
+             on_batch: Callable[[DecodedBatch], Sequence[Mapping]] | None = None) -> "pd.DataFrame":
     """Score every KV method of `methods` (a list, or a dict label -> method) on `samples`: each batch of equal-length samples is
     prefilled once, exactly (recording the last `window` queries: by default what the methods read); each method decodes greedily
-    from a cache built from that prefill. One row per (method, sample)."""
+    from a cache built from that prefill. One row per (method, sample); `on_batch(DecodedBatch)` may add columns (one dict per sample)."""
     import pandas as pd
     from tqdm.auto import tqdm
     from longctx_nb.kvcache import record_prefill, record_window
@@ -640,11 +656,15 @@ def evaluate(methods, samples: Sequence[TaskSample], model: nn.Module, tok, batc
             finally:
                 if hasattr(cache, "detach"): cache.detach()
             hit, attended = _hit_rate(cache), int(m.attended_tokens(S))
-            for i, s, toks in zip(b, batch, out):
+            extra = [{}] * len(batch)
+            if on_batch is not None:
+                extra = list(on_batch(DecodedBatch(setting, m, cache, records, logits, ids, batch, list(b), out, t_dec.elapsed)))
+                if len(extra) != len(batch): raise ValueError(f"on_batch returned {len(extra)} rows for a batch of {len(batch)} samples")
+            for i, s, toks, ex in zip(b, batch, out, extra):
                 pred = tok.decode(toks[:-1] if toks and toks[-1] in stops else toks, skip_special_tokens=True)
                 rows.append(dict(method=_method_name(m), setting=setting, budget=_budget(m), task=s.task,
                                  length=S, sample=i, score=score(s.task, pred, s.answers), chance=s.chance, attended_tokens=attended,
-                                 hit_rate=hit, decode_s=t_dec.elapsed / len(batch), prediction=pred[:max_chars], answers="|".join(map(str, s.answers))))
+                                 hit_rate=hit, decode_s=t_dec.elapsed / len(batch), prediction=pred[:max_chars], answers="|".join(map(str, s.answers)), **ex))
             del cache; bar.update(1)
         del records
     bar.close()

@@ -258,3 +258,21 @@ def test_retrieval_heads_examples_keep_their_recorded_prompts(tok):
             assert ex.score(ex.answer) == r["score_self"]
             if "probe_sha" in r:
                 pr = task_probe(tok, ex); assert (sha(pr.ids), list(pr.span)) == (r["probe_sha"], r["probe_span"])
+
+
+def test_evaluate_on_batch_adds_columns_from_the_same_prefill(tok, tiny_llama):
+    kv = pytest.importorskip("longctx_nb.kvcache")
+    from longctx_nb.evals import DecodedBatch
+    samples = [TaskSample("niah_single", torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist(), ["7"], 3) for n in (20, 20, 24)]
+    seen = []
+    def on_batch(d):
+        assert isinstance(d, DecodedBatch) and d.input_ids.shape == (len(d.samples), len(d.samples[0].input_ids)) and d.decode_s > 0
+        assert len(d.records) == tiny_llama.config.num_hidden_layers and d.logits.shape == (len(d.samples), tiny_llama.config.vocab_size)
+        seen.append((d.setting, id(d.records)))
+        return [dict(extra=i, new=len(o)) for i, o in zip(d.indices, d.outputs)]
+    plain = evaluate([kv.FullKV(), kv.SnapKV(budget=0.5)], samples, tiny_llama, tok, batch_size=2)
+    df = evaluate([kv.FullKV(), kv.SnapKV(budget=0.5)], samples, tiny_llama, tok, batch_size=2, on_batch=on_batch)
+    assert list(df.columns[:len(plain.columns)]) == list(plain.columns) and (df.extra == df["sample"]).all() and df.new.between(1, 3).all()
+    assert df[plain.columns.drop("decode_s")].equals(plain[plain.columns.drop("decode_s")])
+    assert len(seen) == 4 and seen[0][1] == seen[1][1] != seen[2][1]              # two methods per batch share its records
+    with pytest.raises(ValueError, match="on_batch returned 0 rows"): evaluate([kv.FullKV()], samples, tiny_llama, tok, on_batch=lambda d: [])

@@ -33,6 +33,9 @@ EXPECTED = {
                         csv_only=["generations"], figures={"accuracy_vs_budget": 5000, "rank_error": 5000}),
     "51_shadowkv_throughput": dict(tables=["bandwidths", "memory_model", "pinned_rounding", "throughput", "headline", "fp8_accuracy",
                                            "paper_vs_ours"], figures={"throughput_vs_batch": 5000}),
+    "60_yardstick": dict(tables=["methods", "accuracy_by_task", "accuracy_by_length", "correlations", "registry", "variants", "key_tokens",
+                                 "mass_demo", "statistics_check", "paper_vs_ours"], csv_only=["scores", "texts", "longce_vs_ce"],
+                         figures={f: 1000 for f in ("ppl_longppl_vs_accuracy", "kv_predictors", "retrieval_mass", "longce_vs_ce")}),
 }
 NOTEBOOKS = list(EXPECTED)
 CHECKS = {}
@@ -492,6 +495,55 @@ def fp8_accuracy_table(d):
     assert acc.average.between(0, 100).all()
     pvo = read(d, "paper_vs_ours")
     assert list(pvo.columns) == ["claim", "paper", "ours", "setting_difference"] and len(pvo) >= 5
+
+
+# ---------------------------------------------------------------- 60: the yardstick
+@check("60_yardstick")
+def yardstick_has_a_row_for_every_variant_and_sample(d):
+    meta, reg, s, m = meta_of(d), read(d, "registry"), read(d, "scores"), read(d, "methods")
+    p = meta["preset"]
+    assert m.variant.tolist() == reg.variant.tolist() and set(s.variant) == set(reg.variant) and set(reg.family) == {"kv", "context", "rope", "finetune", "tensorized"}
+    assert (s.groupby("variant").size() == len(p["tasks"]) * len(p["lengths"]) * p["samples_per_task"]).all()
+    assert not s.duplicated(["variant", "task", "length", "index"]).any() and s.status.notna().all()
+    ok = s[s.status == "ok"]
+    assert len(ok) and ok.score.between(0, 1).all() and np.isfinite(ok.answer_nll).all() and (ok.answer_tokens >= 1).all()
+    skipped = m[m.status != "ok"]                  # never dropped: kept with the reason (smoke has no cpt_dir for 11's models)
+    assert skipped.status.str.startswith(("skipped:", "not run:")).all() and {"tensorized CPT", "full attention CPT"} <= set(skipped.variant)
+    assert skipped.set_index("variant").loc[["tensorized CPT", "full attention CPT"]].status.str.contains("cpt_dir").all()
+    t = read(d, "texts")
+    assert (t.groupby("variant").size() == 3 * p["texts_per_corpus"]).all() and set(t.variant) == set(reg.variant)
+    assert meta["missing_parts"] == [] and set(meta["parts"]) == {name for name, _ in p["parts"]}
+    assert all(r["git_sha"] and r["device"] for r in meta["parts"].values())
+    assert any(k.endswith("head_scores_base.json") and len(v) == 64 for k, v in meta["inputs"].items())
+
+
+@check("60_yardstick")
+def yardstick_kv_memory_throughput_and_mass(d):
+    m = read(d, "methods").set_index("variant")
+    ok = m[m.status == "ok"]
+    assert np.isfinite(ok.ppl).all() and (ok.ppl > 1).all() and ok.accuracy.between(0, 100).all()
+    kv = ok[ok.family == "kv"]; full = kv.loc["full"]; sparse = kv.drop(index="full")
+    assert abs(full.mass_all - 1) < 1e-4 and abs(full.mass_retrieval - 1) < 1e-4 and abs(full.kept - 1) < 1e-9
+    assert len(sparse) >= 5 and sparse.mass_all.between(0, 1).all() and sparse.mass_retrieval.between(0, 1).all() and (sparse.kept < 1).all()
+    assert (kv.gpu_mb_per_seq > 0).all() and (sparse.gpu_mb_per_seq <= full.gpu_mb_per_seq * 1.001).all() and (kv.decode_tok_s > 0).all()
+    assert kv.loc[[v for v in kv.index if v.startswith("shadowkv@")]].host_mb_per_seq.gt(0).all()       # ShadowKV's values live on the host
+    assert ok[ok.family != "kv"].mass_all.isna().all()
+
+
+@check("60_yardstick")
+def yardstick_correlations_and_claims(d):
+    c = read(d, "correlations")
+    assert set(c.scope) == {"all variants", "KV methods", "sparse KV methods"}
+    assert {"ppl", "longppl", "answer_nll"} <= set(c[c.scope == "all variants"].predictor)
+    assert {"mass_all", "mass_retrieval", "mass_retrieval - mass_all"} <= set(c[c.scope == "sparse KV methods"].predictor)
+    for stat in ("pearson", "spearman"):
+        r, lo, hi = c[stat], c[f"{stat}_lo"], c[f"{stat}_hi"]
+        fin = r.notna() & (c.predictor != "mass_retrieval - mass_all")
+        assert (r[fin].abs() <= 1 + 1e-9).all() and ((lo <= hi) | lo.isna()).all()
+    p = read(d, "paper_vs_ours")
+    assert p.paper.astype(str).str.contains("-0.96").any() and p.paper.astype(str).str.contains("0.81").any() and len(p) >= 6
+    lc = read(d, "longce_vs_ce")
+    assert list(lc.columns) == ["task", "length", "seeds", "samples", "mean_accuracy", "ce", "longce", "longce_minus_ce", "lo", "hi"]
 
 
 # ---------------------------------------------------------------- every registered check (defined last: CHECKS is full here)
