@@ -34,11 +34,11 @@ def _ids(B, L, seed=0, vocab=128):
 def test_paper_registry_has_every_method_once():
     vs = paper_variants()
     names = [v.name for v in vs]
-    assert len(names) == len(set(names)) == 1 + 6 * 5 + 3 + 4 + 6 + 5 + 2
+    assert len(names) == len(set(names)) == 1 + 6 * 5 + 3 + 4 + 6 + 5 + 3
     fam = pd.Series([v.family for v in vs]).value_counts().to_dict()
-    assert fam == dict(kv=31, finetune=11, rope=4, context=3, tensorized=2) and set(fam) == set(FAMILIES)
+    assert fam == dict(kv=31, finetune=11, rope=4, context=3, tensorized=3) and set(fam) == set(FAMILIES)
     assert {"shadowkv@1.56%", "quest@25%", "snapkv@2048t", "h2o@12.5%", "streaming@3.12%", "context 1024", "PI x4", "YaRN x2",
-            "LongCE s2", "attn-ft symbolic-high", "tensorized CPT"} <= set(names)
+            "LongCE s2", "attn-ft symbolic-high", "CPT tensorized (complete)"} <= set(names)
     assert budget_label(1 / 64) == "1.56%" and budget_label(2048) == "2048t" and budget_label(0.25) == "25%"
     reg = {}
     for v in vs: register(v, reg)
@@ -262,3 +262,19 @@ def test_merge_of_parts(tmp_path):
     assert (s[s.variant == "PI x2"].status == "ok").all() and (m["texts"].status == "ok").all() and len(m["texts"]) == 6
     rows("kv-4k", ["full"], (2048,), False)                               # a part that writes rows another part wrote
     with pytest.raises(ValueError, match="more than one part"): merge_parts(load_parts(tmp_path), exp)
+
+
+def test_cpt_variants_skip_with_the_reason(tiny_llama, tok, tmp_path):
+    reg = {v.name: v for v in paper_variants()}
+    class HP: pass
+    with pytest.raises(Skip, match="no cpt_dir given"): reg["CPT full attention"].build(Env(tiny_llama, tok, HP(), fp32=lambda: tiny_llama))
+    with pytest.raises(Skip, match="load_cpt|has no full.pt"):
+        reg["CPT full attention"].build(Env(tiny_llama, tok, HP(), fp32=lambda: tiny_llama, cpt_dir=str(tmp_path)))
+
+
+def test_parts_that_overlap_are_refused():
+    reg = {n: Variant(n, "kv", "s", build=lambda env: None) for n in ("full", "snapkv@25%")}
+    with pytest.raises(ValueError, match="parts overlap"):
+        expected_rows([Part("a", families=("kv",)), Part("b", names=("full",), ppl=False)], reg, [("t", 8, 0)], 1)
+    assert Part("x", names=("full",), prefixes=("snap",)).select({**reg, "full attention CPT": Variant("full attention CPT", "tensorized", "s",
+                                                                                                         build=lambda e: None)}) == list(reg.values())
