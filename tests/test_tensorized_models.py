@@ -1,5 +1,6 @@
-"""Tensorized models: per-dimension RoPE attention vs its dense matrix, the kernel path (the interpreter on CPU, compiled on CUDA
-tensors where a GPU is visible), tensorize() on a tiny Llama, decoding, bad inputs."""
+"""Tensorized models: per-dimension RoPE attention vs its dense operator in both causal modes (dominance, complete), the engines (the
+Triton kernel: the interpreter on CPU, compiled on CUDA tensors where a GPU is visible; SDPA; the reference), tensorize() on a tiny Llama,
+decoding and its stored state, the RULER adapter, checkpoints, bad inputs."""
 import math
 import pytest
 import torch
@@ -8,7 +9,9 @@ import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton i
 from longctx_nb.models import repeat_kv, attention_modules, train_lm, apply_rope, set_rope_scaling
 from longctx_nb.tensorized import tensorized_attention_ref
 from longctx_nb.tensorized_models import (TensorLayout, make_layout, tensorized_rope_attention, tensorized_rope_matrix, tensorize,
-                                          cast_keep_rope, TensorizedRotary)
+                                          cast_keep_rope, TensorizedRotary, rope_backend, evaluate_tensorized, save_cpt, load_cpt)
+from helpers import needs_interpreter
+MODES = ["dominance", "complete"]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel's tensors: compiled on CUDA, the interpreter on CPU
 
@@ -49,13 +52,25 @@ def test_layout_errors(args, exc, match):
 # ---------------------------------------------------------------- the attention op
 @pytest.mark.parametrize("B,H,Hkv,L,D,shape", [(1, 1, 1, 27, 8, (3, 3, 3)), (2, 4, 2, 45, 8, (4, 4, 3)), (1, 3, 1, 30, 8, (5, 6)),
                                                (1, 2, 2, 19, 8, (19,))], ids=["3x3x3", "pad-GQA-4x4x3", "5x6-GQA3", "m1-T19"])
-def test_hops_equal_dense_per_dimension_rope_matrix(B, H, Hkv, L, D, shape):
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_hops_equal_dense_per_dimension_rope_matrix(B, H, Hkv, L, D, shape, causal, backend):
     q, k, v = rand(B, H, Hkv, L, D)
-    o = tensorized_rope_attention(q, k, v, shape, rope_table, backend="torch")
-    A = tensorized_rope_matrix(q, k, shape, rope_table)
+    o = tensorized_rope_attention(q, k, v, shape, rope_table, backend=backend, causal=causal)
+    A = tensorized_rope_matrix(q, k, shape, rope_table, causal=causal)
     dense = (A @ F.pad(repeat_kv(v, H // Hkv), (0, 0, 0, math.prod(shape) - L)))[:, :, :L]
     torch.testing.assert_close(o, dense, rtol=1e-12, atol=1e-12)
     assert (A[0, 0].triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("shape,L", [((4, 4, 3), 45), ((5, 6), 27), ((3, 2, 3, 3), 54)], ids=["4x4x3-T45", "pad-5x6-T27", "3x2x3x3-T54"])
+def test_complete_support_is_exactly_the_lower_triangle(shape, L):
+    "The complete mode's dense operator is positive on every (p, j <= p) and zero above the diagonal; the dominance one misses pairs."
+    q, k, _ = rand(1, 2, 1, L, 8, seed=3)
+    A = tensorized_rope_matrix(q, k, shape, rope_table, causal="complete")[0, :, :L, :L]
+    assert torch.equal(A > 0, torch.ones(L, L, dtype=torch.bool).tril().expand_as(A))
+    A_d = tensorized_rope_matrix(q, k, shape, rope_table, causal="dominance")[0, :, :L, :L]
+    assert (A_d.triu(1) == 0).all() and ((A_d > 0).sum() < (A > 0).sum())
 
 
 def test_per_dimension_rope_sees_only_relative_distance_along_the_hop():
@@ -66,21 +81,38 @@ def test_per_dimension_rope_sees_only_relative_distance_along_the_hop():
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_no_rope_equals_the_fused_op_and_m1_equals_sdpa():
+@pytest.mark.parametrize("causal", MODES)
+def test_no_rope_equals_the_fused_op_and_m1_equals_sdpa(causal):
     q, k, v = rand(2, 4, 2, 50, 8)
-    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 4, 4), None, backend="torch"),
-                               tensorized_attention_ref(q, k, v, (4, 4, 4)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 4, 4), None, backend="torch", causal=causal),
+                               tensorized_attention_ref(q, k, v, (4, 4, 4), causal=causal), rtol=1e-12, atol=1e-12)
     cos, sin = rope_table(50)
     ref = F.scaled_dot_product_attention(apply_rope(q, cos, sin), repeat_kv(apply_rope(k, cos, sin), 2), repeat_kv(v, 2), is_causal=True)
-    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (50,), rope_table, backend="torch"), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (50,), rope_table, backend="torch", causal=causal), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_causality_exact_zero_gradients():
-    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, 21, 8))
-    o = tensorized_rope_attention(q, k, v, (3, 7), rope_table, backend="torch")
-    for p in range(21):
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_causality_exact_zero_gradients(causal, backend):
+    "No output reads a later position: its gradient with respect to q, k and v there is exactly zero (a padded 3 x 7 fold, GQA)."
+    q, k, v = (t.requires_grad_() for t in rand(1, 2, 1, 20, 8))
+    o = tensorized_rope_attention(q, k, v, (3, 7), rope_table, backend=backend, causal=causal)
+    for p in range(20):
         gq, gk, gv = torch.autograd.grad(o[:, :, p].sum(), (q, k, v), retain_graph=True)
         assert all((g[:, :, p + 1:] == 0).all() for g in (gq, gk, gv))
+        if causal == "complete": assert (gv[:, :, :p + 1].abs().sum(-1) > 0).all()        # ... and it reads every earlier one
+
+
+@pytest.mark.parametrize("causal", MODES)
+def test_sdpa_engine_matches_reference_fwd_bwd(causal):
+    q, k, v = rand(2, 4, 2, 37, 8, dtype=torch.float32)
+    do = torch.randn(2, 4, 37, 8, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for backend in ("sdpa", "torch"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        o = tensorized_rope_attention(qq, kk, vv, (5, 8), lambda n: tuple(t.float() for t in rope_table(n)), backend=backend, causal=causal)
+        outs[backend] = (o, *torch.autograd.grad(o, (qq, kk, vv), do))
+    for a, b in zip(outs["sdpa"], outs["torch"]): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,shape", [(1, 2, 1, 37, 16, (5, 8)), (2, 2, 2, 20, 16, (3, 3, 3))], ids=["GQA-5x8-T37", "B2-3x3x3-T20"])
@@ -104,14 +136,26 @@ def test_op_bad_inputs():
     with pytest.raises(ValueError, match="fewer than the sequence length"): tensorized_rope_attention(q, k, v, (4, 4), rope_table)
     with pytest.raises(ValueError, match="H % H_kv"): tensorized_rope_attention(q, k[:, :, :10], v, (4, 5), rope_table)
     with pytest.raises(ValueError, match="backend"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, backend="cuda")
+    with pytest.raises(ValueError, match="causal must be one of"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal="exact")
+    with pytest.raises(TypeError, match="causal must be a bool"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal=1)
+    with pytest.raises(ValueError, match="is causal"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal="none")
+    with pytest.raises(ValueError, match="lacks causal='complete'"):      # an engine without the mode
+        tensorized_rope_attention(q.float(), k.float(), v.float(), (4, 5), causal="complete", backend="triton")
+
+
+def test_backend_resolution():
+    assert rope_backend("auto", True, "cpu") == "torch" and rope_backend("auto", "complete", "cpu") == "torch"
+    assert rope_backend("auto", "dominance", "cuda") == "triton" and rope_backend("auto", "complete", "cuda") == "sdpa"
+    assert rope_backend("sdpa", "complete", "cpu") == "sdpa"
 
 
 # ---------------------------------------------------------------- tensorize()
-def test_tensorize_one_dimension_is_the_original_model(tiny_llama):
+@pytest.mark.parametrize("causal", MODES)
+def test_tensorize_one_dimension_is_the_original_model(tiny_llama, causal):
     ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = tiny_llama(ids).logits
-        tz = tensorize(tiny_llama, shape=1, length=33)
+        tz = tensorize(tiny_llama, shape=1, length=33, causal=causal)
         torch.testing.assert_close(tz(ids).logits, ref, rtol=1e-4, atol=1e-4)
         flat = tensorize(tiny_llama, shape=1, length=33, rope="flat")
         torch.testing.assert_close(flat(ids).logits, ref, rtol=1e-4, atol=1e-4)
@@ -123,9 +167,10 @@ def test_tensorize_one_dimension_is_the_original_model(tiny_llama):
     assert all(torch.equal(a, b) for a, b in zip(tiny_llama.state_dict().values(), tz.state_dict().values()))
 
 
-def test_tensorize_inplace_and_prefix_stability_with_padding(tiny_llama):
+@pytest.mark.parametrize("causal", MODES)
+def test_tensorize_inplace_and_prefix_stability_with_padding(tiny_llama, causal):
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(1))
-    tz = tensorize(tiny_llama, shape=(4, 8), inplace=True)
+    tz = tensorize(tiny_llama, shape=(4, 8), inplace=True, causal=causal)
     assert tz is tiny_llama and tz.tensorized.layout.shape_for(70) == (9, 8)      # 70 = 8 * 8.75: padded to 72
     with torch.no_grad():
         h70 = tz.model(ids, use_cache=False).last_hidden_state
@@ -133,9 +178,35 @@ def test_tensorize_inplace_and_prefix_stability_with_padding(tiny_llama):
     torch.testing.assert_close(h70[:, :45], h45, rtol=1e-5, atol=1e-5)
 
 
+def _dense_attention_model(tz):
+    "A copy of tensorized `tz` whose every layer computes attention as the dense per-dimension-RoPE operator (float64) times V."
+    import copy
+    from functools import partial
+    from longctx_nb.models import set_attention_hook
+    dense, spec = copy.deepcopy(tz), tz.tensorized
+    def hook(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rotary=None, **kw):
+        L = query.shape[2]; shape = spec.layout.shape_for(L); H = query.shape[1]
+        rope = lambda n: tuple(t.double() for t in rotary.table(n, query))
+        A = tensorized_rope_matrix(query, key, shape, rope, scaling, causal=spec.causal)
+        out = (A @ F.pad(repeat_kv(value.double(), H // value.shape[1]), (0, 0, 0, math.prod(shape) - L)))[:, :, :L]
+        return out.to(query.dtype).transpose(1, 2), None
+    set_attention_hook(dense, partial(hook, rotary=dense.model.rotary_emb))
+    return dense
+
+
+@pytest.mark.parametrize("causal", MODES)
+def test_model_forward_equals_the_dense_operator(tiny_llama, causal):
+    "The tensorized tiny Llama (GQA, padded: 27 tokens into 4 x 8) equals the same model with every layer's attention the dense operator."
+    tz = tensorize(tiny_llama, shape=(4, 8), causal=causal)
+    ids = torch.randint(0, 128, (2, 27), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(tz(ids).logits, _dense_attention_model(tz)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", MODES)
 @pytest.mark.parametrize("rope,shape", [("tensorized", (4, 4)), ("tensorized", (2, 3, 4)), ("flat", (4, 4))], ids=["perdim-4x4", "perdim-2x3x4", "flat-4x4"])
-def test_incremental_decoding_equals_full_forward(tiny_llama, rope, shape):
-    tz = tensorize(tiny_llama, shape=shape, rope=rope)
+def test_incremental_decoding_equals_full_forward(tiny_llama, rope, shape, causal):
+    tz = tensorize(tiny_llama, shape=shape, rope=rope, causal=causal)
     prompt = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         gen = tz.generate(prompt, max_new_tokens=17, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
@@ -145,10 +216,11 @@ def test_incremental_decoding_equals_full_forward(tiny_llama, rope, shape):
     assert torch.equal(gen.sequences, nocache)
 
 
-def test_chunked_prefill_through_the_cache(tiny_llama):
+@pytest.mark.parametrize("causal", MODES)
+def test_chunked_prefill_through_the_cache(tiny_llama, causal):
     "Two forwards through one DynamicCache (13 tokens, then 9 at once) equal one forward over all 22."
     from transformers import DynamicCache
-    tz = tensorize(tiny_llama, shape=(3, 4))
+    tz = tensorize(tiny_llama, shape=(3, 4), causal=causal)
     ids = torch.randint(0, 128, (1, 22), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = tz(ids).logits
@@ -156,11 +228,44 @@ def test_chunked_prefill_through_the_cache(tiny_llama):
         a = tz(ids[:, :13], past_key_values=cache, use_cache=True).logits
         b = tz(ids[:, 13:], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-4, atol=1e-4)
-    assert set(cache.tensorized_values) == {0, 1} and cache.tensorized_values[0][0].shape[2] == 22
+    state = cache.tensorized_values[0]
+    assert set(cache.tensorized_values) == {0, 1} and state.length == 22
+    assert state.values[0].n == (22 if causal == "dominance" else 20)          # complete: the aggregates of the 5 completed rows of 4
 
 
-def test_tensorized_model_trains(tiny_llama):
-    tz = tensorize(tiny_llama, shape=(4, 4))
+def test_complete_decoding_stores_each_aggregate_once_and_reads_it(tiny_llama):
+    """Complete mode, 3 dims (2 x 3 x 4): after a 7-token prefill and 30 decoded tokens the cache holds the aggregates of the completed blocks
+    only (rows of 4 for hop 1, planes of 12 for hop 2), each computed exactly once (prefill + decode), the queries of the unfinished plane;
+    and a decode step reads the stored aggregates of earlier fibres: changing them changes the next logits."""
+    from transformers import DynamicCache
+    tz = tensorize(tiny_llama, shape=(2, 3, 4), causal="complete")
+    ids = torch.randint(0, 128, (1, 38), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = DynamicCache(config=tz.config)
+        tz(ids[:, :7], past_key_values=cache, use_cache=True)
+        assert [v.n for v in cache.tensorized_values[0].values] == [4, 0] and cache.tensorized_values[0].queries.shape[2] == 7
+        for t in range(7, 37): tz(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        for state in cache.tensorized_values.values():
+            assert state.length == 37 and [v.n for v in state.values] == [36, 36] and state.rows == [36, 36]
+            assert state.queries.shape[2] == 1 and state.values[0].view().shape == (1, 4, 36, 16)
+        ref = tz(ids[:, 37:], past_key_values=copy_cache(cache), use_cache=True).logits
+        for state in cache.tensorized_values.values():
+            state.values[1].buf[:, :, :12] *= 0.5                       # the first plane's aggregates, read by hop 3 of token 37 (plane 3)
+        changed = tz(ids[:, 37:], past_key_values=cache, use_cache=True).logits
+    assert not torch.allclose(ref, changed)
+    full = tz(ids).logits[:, -1:]
+    torch.testing.assert_close(ref, full, rtol=1e-4, atol=1e-4)
+
+
+def copy_cache(cache):
+    "A deep copy of a DynamicCache with its tensorized hop states."
+    import copy
+    return copy.deepcopy(cache)
+
+
+@pytest.mark.parametrize("causal", MODES)
+def test_tensorized_model_trains(tiny_llama, causal):
+    tz = tensorize(tiny_llama, shape=(4, 4), causal=causal)
     before = tz.model.layers[0].self_attn.q_proj.weight.detach().clone()
     batches = iter([torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)])
     hist = train_lm(tz, batches, steps=3, lr=1e-3, progress=False)
@@ -183,6 +288,9 @@ def test_tensorize_bad_inputs(tiny_llama):
         tz(ids, position_ids=torch.arange(20).flip(0)[None])
     fixed = tensorize(tiny_llama, shape=(4, 4), grow="none")
     with pytest.raises(ValueError, match="fewer than the sequence length 20"): fixed(ids)
+    with pytest.raises(ValueError, match="causal must be one of"): tensorize(tiny_llama, causal="exact")
+    with pytest.raises(ValueError, match="a causal LM needs"): tensorize(tiny_llama, causal=False)
+    with pytest.raises(ValueError, match="lacks causal='complete'"): tensorize(tiny_llama, causal="complete", backend="triton")
 
 
 def test_rope_scaling_copies_for_the_baselines(tiny_llama):
@@ -196,12 +304,16 @@ def test_rope_scaling_copies_for_the_baselines(tiny_llama):
 
 
 def test_fibre_batches_split_under_the_grid_limit(monkeypatch):
-    "More fibres x heads than CUDA's grid-y limit: the hop runs in chunks and gives the same result."
+    "More fibres x heads than CUDA's grid-y limit: the Triton engine runs a hop in chunks of fibres and gives the same result."
     import longctx_nb.tensorized_models as TM
-    q, k, v = rand(2, 2, 1, 48, 8)
-    whole = tensorized_rope_attention(q, k, v, (4, 3, 4), rope_table, backend="torch")
-    monkeypatch.setattr(TM, "_MAX_GRID_Y", 5)          # 2 rows of fibres per call
-    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (4, 3, 4), rope_table, backend="torch"), whole, rtol=1e-12, atol=1e-12)
+    q, k, v = (t.float().to(DEV) for t in rand(1, 2, 1, 24, 16))
+    rope = lambda n: tuple(t.float().to(DEV) for t in rope_table(n, D=16))
+    whole = tensorized_rope_attention(q, k, v, (2, 3, 4), rope, backend="triton")
+    calls, real = [], TM.tensorized_attention
+    monkeypatch.setattr(TM, "tensorized_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    monkeypatch.setattr(TM, "_MAX_GRID_Y", 5)          # 5 // 2 heads: 2 fibres per call
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (2, 3, 4), rope, backend="triton"), whole, rtol=1e-6, atol=1e-6)
+    assert max(calls) == 2 and len(calls) == 6 // 2 + 8 // 2 + 12 // 2      # fibres per hop: 24/4, 24/3, 24/2
 
 
 def test_cast_keep_rope(tiny_llama):
@@ -210,11 +322,73 @@ def test_cast_keep_rope(tiny_llama):
     assert tz.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16 and tz.model.rotary_emb.base.inv_freq.dtype == torch.float32
 
 
-def test_beam_search_with_cache_equals_without(tiny_llama):
-    "Beam search reorders the cache: the stored hop values follow, so cached and uncached beam search agree."
-    tz = tensorize(tiny_llama, shape=(3, 4))
+@pytest.mark.parametrize("causal", MODES)
+def test_beam_search_with_cache_equals_without(tiny_llama, causal):
+    "Beam search reorders the cache: the stored hop states follow, so cached and uncached beam search agree."
+    tz = tensorize(tiny_llama, shape=(3, 4), causal=causal)
     prompt = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         a = tz.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
         b = tz.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the forward's overheads
+def test_rope_tables_are_cached_and_checks_run_once_per_forward(tiny_llama):
+    "A warm forward builds no RoPE table and reads the host once (the position check) beyond the untensorized model's own syncs."
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Syncs(TorchDispatchMode):
+        n = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += str(func.overloadpacket) == "aten._local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7))
+    def syncs(m):
+        with torch.no_grad(), Syncs() as c: m.model(input_ids=ids, use_cache=False)
+        return c.n
+    tz = tensorize(tiny_llama, shape=(5, 8), causal="complete")
+    with torch.no_grad(): tz.model(input_ids=ids, use_cache=False)
+    built = dict(tz.model.rotary_emb._cache)
+    assert syncs(tz) <= syncs(tiny_llama) + 1 and tz.model.rotary_emb._cache.keys() == built.keys()
+    cos, sin = tz.model.rotary_emb(torch.zeros(2, 3), torch.arange(40)[None].expand(2, -1))
+    assert cos.shape == (2, 40, 16) and cos.stride()[:2] == (0, 0) and (cos == 1).all() and (sin == 0).all()   # views of one row
+
+
+# ---------------------------------------------------------------- RULER adapter, checkpoints
+@pytest.fixture(scope="module")
+def smol_tok():
+    from longctx_nb.models import load_tokenizer
+    return load_tokenizer("smollm2-135m")
+
+
+def test_evaluate_tensorized_matches_evaluate_fullkv_and_runs_tensorized(smol_tok):
+    "On a plain model the adapter gives evaluate(FullKV)'s rows; on a tensorized one it decodes through the model's own cache."
+    import helpers
+    from longctx_nb.evals import TaskSample, evaluate
+    from longctx_nb.kvcache import FullKV
+    m = helpers.tiny_llama(vocab_size=len(smol_tok))
+    g = torch.Generator().manual_seed(8)
+    samples = [TaskSample("niah_single", torch.randint(0, 1000, (L,), generator=g).tolist(), ["123"], 6) for L in (24, 24, 24, 31)]
+    a = evaluate({"m": FullKV()}, samples, m, smol_tok, batch_size=2)
+    b = evaluate_tensorized({"m": m}, samples, smol_tok, batch_size=2)
+    cols = ["method", "setting", "budget", "task", "length", "sample", "score", "attended_tokens", "prediction", "answers"]
+    assert list(a.columns) == list(b.columns) and a[cols].equals(b[cols])
+    tz = tensorize(m, shape=(3, 8), causal="complete")
+    c = evaluate_tensorized({"tz": tz}, samples, smol_tok, batch_size=2)
+    assert (c.method == "tensorized-complete").all() and len(c) == 4 and (c.attended_tokens == 4 + 8).all()   # sum of shape_for(S + 1)
+    with pytest.raises(ValueError, match="no samples"): evaluate_tensorized({"tz": tz}, [], smol_tok)
+
+
+@pytest.mark.parametrize("causal", [None, "complete"])
+def test_save_and_load_cpt(tiny_llama, tmp_path, causal):
+    m = tiny_llama if causal is None else tensorize(tiny_llama, shape=(3, 4), causal=causal)
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(0.01)                            # "trained" weights
+    save_cpt(m, tmp_path, "x", dict(steps=3))
+    fresh = __import__("helpers").tiny_llama(seed=1)                      # another base: the weights must come from the file
+    back, info = load_cpt(fresh, tmp_path, "x")
+    ids = torch.randint(0, 128, (1, 13), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(): torch.testing.assert_close(back(ids).logits, m(ids).logits, rtol=0, atol=0)
+    assert info == dict(steps=3) and (getattr(back, "tensorized", None) is None) == (causal is None)
+    if causal: assert back.tensorized == m.tensorized
+    with pytest.raises(FileNotFoundError, match="part 'cpt'"): load_cpt(fresh, tmp_path, "y")
