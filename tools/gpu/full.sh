@@ -20,7 +20,7 @@ params=(); for kv in ${PARAMS:-}; do params+=(--param "$kv"); done
 for nb in "$@"; do
   python3 -c "from longctx_nb.core import reproduce_cli; import sys; sys.exit(reproduce_cli(['--config', 'full', '--only', *sys.argv[1:]]))" "$nb" "${params[@]}" \
     2>&1 | grep -v "Kernel is running over TCP" | tee -a "$OUT/full.log"
-  d=$(ls -d reports/${nb}*/full 2>/dev/null | head -1)
-  if [ -n "$d" ]; then tar czf "$OUT/full-${nb}${PARAMS:+-${PARAMS//[^A-Za-z0-9_.-]/_}}.tgz" "$d"; else echo "no report for $nb" | tee -a "$OUT/full.log"; fi
+  d=$(ls -d reports/${nb}*/full reports/${nb}*/parts/full 2>/dev/null | tr '\n' ' ')   # a notebook run in parts writes parts/full/<part>
+  if [ -n "$d" ]; then tar czf "$OUT/full-${nb}${PARAMS:+-${PARAMS//[^A-Za-z0-9_.-]/_}}.tgz" $d; else echo "no report for $nb" | tee -a "$OUT/full.log"; fi
   ls build/executed/${nb}*-full.ipynb >/dev/null 2>&1 && tar czf "$OUT/executed-${nb}.tgz" build/executed/${nb}*-full.ipynb
 done
