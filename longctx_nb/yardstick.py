@@ -27,12 +27,13 @@ from .evals import (TaskSample, DecodedBatch, evaluate, greedy_generate, stop_to
 from .longppl import KeyTokenSettings, find_key_tokens, token_offsets, short_context_nll, LongCELoss
 
 # %% auto #0
-__all__ = ['FAMILIES', 'REGISTRY', 'CPT_MODELS', 'KV_NEEDS', 'Skip', 'Built', 'Variant', 'register', 'Env', 'check_runnable',
-           'budget_label', 'paper_variants', 'cached_nll', 'tail_nll', 'plain_tail_nll', 'HeldOut', 'heldout_windows',
-           'shared_key_tokens', 'gold_answer_ids', 'kept_positions', 'kept_mask', 'first_step_attention', 'kept_mass',
-           'head_scores_from_json', 'BatchMetrics', 'Workload', 'window_of', 'score_variants', 'Part', 'expected_rows',
-           'load_parts', 'merge_parts', 'part_record', 'multilevel_bootstrap', 'VariantArrays', 'variant_arrays',
-           'correlation_table', 'longce_vs_ce', 'variant_summary']
+__all__ = ['FAMILIES', 'REGISTRY', 'CPT_MODELS', 'KV_NEEDS', 'SCORE_COLUMNS', 'TEXT_COLUMNS', 'Skip', 'Built', 'Variant',
+           'register', 'Env', 'check_runnable', 'budget_label', 'paper_variants', 'cached_nll', 'tail_nll',
+           'plain_tail_nll', 'HeldOut', 'heldout_windows', 'shared_key_tokens', 'gold_answer_ids', 'kept_positions',
+           'kept_mask', 'first_step_attention', 'kept_mass', 'head_scores_from_json', 'BatchMetrics', 'Workload',
+           'window_of', 'score_variants', 'Part', 'expected_rows', 'load_parts', 'merge_parts', 'part_record',
+           'multilevel_bootstrap', 'VariantArrays', 'variant_arrays', 'correlation_table', 'longce_vs_ce',
+           'variant_summary']
 
 # %% ../nbs/60_yardstick.ipynb #635e6efa
 FAMILIES = ("kv", "context", "rope", "finetune", "tensorized")
@@ -548,8 +549,13 @@ def load_parts(root) -> dict:
         out[d.name] = dict(scores=read("scores"), texts=read("texts"), variants=read("variants"), meta=json.loads((d / "meta.json").read_text()))
     return out
 
+SCORE_COLUMNS = ("variant", "family", "task", "length", "index", "prompt_tokens", "status", "score", "answer_nll", "answer_tokens", "mass_all",
+                 "mass_retrieval", "kept_tokens", "gpu_mb_per_seq", "host_mb_per_seq", "new_tokens", "decode_tok_s", "attended_tokens", "decode_s")
+TEXT_COLUMNS = ("variant", "family", "text", "corpus", "n_tokens", "n_key", "status", "nll_sum", "key_nll_sum", "seconds")
+
 def merge_parts(found: Mapping[str, Mapping], expected: Mapping) -> dict:
-    "Join the parts' rows; a row scored twice is an error; every expected row no part wrote is added with status 'not run: part <p>'."
+    """Join the parts' rows; a row scored twice is an error; every expected row no part wrote is added with status 'not run: part <p>'.
+    The tables always carry the columns a part writes (`SCORE_COLUMNS`, `TEXT_COLUMNS`; NaN where no part wrote them)."""
     import pandas as pd
     out = {}
     for kind, on in (("scores", ["variant", "task", "length", "index"]), ("texts", ["variant", "text"])):
@@ -562,6 +568,8 @@ def merge_parts(found: Mapping[str, Mapping], expected: Mapping) -> dict:
         miss = miss[miss._merge == "left_only"].drop(columns="_merge")
         miss = miss.assign(status=[f"not run: part {p}" for p in miss.part])
         out[kind] = pd.concat([got, miss], ignore_index=True) if len(miss) else got
+        cols = SCORE_COLUMNS if kind == "scores" else TEXT_COLUMNS
+        out[kind] = out[kind].reindex(columns=list(dict.fromkeys([*cols, *out[kind].columns])))
     frames = [dict(f)["variants"] for f in found.values() if len(dict(f).get("variants", ()))]
     out["variants"] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["variant", "status"])
     return out

@@ -278,3 +278,12 @@ def test_parts_that_overlap_are_refused():
         expected_rows([Part("a", families=("kv",)), Part("b", names=("full",), ppl=False)], reg, [("t", 8, 0)], 1)
     assert Part("x", names=("full",), prefixes=("snap",)).select({**reg, "full attention CPT": Variant("full attention CPT", "tensorized", "s",
                                                                                                          build=lambda e: None)}) == list(reg.values())
+
+
+def test_a_merge_without_parts_marks_every_row_not_run():
+    reg = {"full": Variant("full", "kv", "s", build=lambda env: None)}
+    m = merge_parts({}, expected_rows([Part("kv", families=("kv",))], reg, [("t", 8, 0), ("t", 8, 1)], 2))
+    assert (m["scores"].status == "not run: part kv").all() and len(m["scores"]) == 2 and m["scores"].score.isna().all()
+    assert len(m["texts"]) == 2 and m["texts"].nll_sum.isna().all()
+    table = variant_summary(m["scores"], m["texts"], reg, n_boot=10)
+    assert table.status.tolist() == ["not run: part kv"] and np.isnan(table.accuracy.iloc[0])
