@@ -636,7 +636,8 @@ def variant_arrays(scores: "pd.DataFrame", texts: "pd.DataFrame") -> tuple[Varia
 def correlation_table(arr: VariantArrays, scopes: Mapping[str, np.ndarray], predictors: Mapping[str, Sequence[str]], target: str = "accuracy",
                       n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> "pd.DataFrame":
     """Pearson and Spearman correlation of each predictor with `target` over the variants of each scope (a boolean mask over `arr.names`),
-    with multilevel-bootstrap intervals (variants, samples, texts); plus, per scope, retrieval-head minus all-head mass when both are asked."""
+    with multilevel-bootstrap intervals (variants, samples, texts); plus, per scope, retrieval-head minus all-head mass when both are asked.
+    A scope of fewer than 3 variants has no row (the table keeps its columns when no scope has one)."""
     import pandas as pd
     rows, N, M = [], arr.score.shape[1], len(arr.n_tok)
     for scope, sel in scopes.items():
@@ -653,7 +654,7 @@ def correlation_table(arr: VariantArrays, scopes: Mapping[str, np.ndarray], pred
                                   - pearson(arr.metric("mass_all", s, t)[sel][v], arr.metric(target, s, t)[sel][v]))
             p, lo, hi = multilevel_bootstrap(st, (V, N, M), n_boot, level, seed)
             rows.append(dict(scope=scope, predictor="mass_retrieval - mass_all", target=target, variants=V, pearson=p, pearson_lo=lo, pearson_hi=hi))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["scope", "predictor", "target", "variants", "pearson", "pearson_lo", "pearson_hi", "spearman", "spearman_lo", "spearman_hi"])
 
 # %% ../nbs/60_yardstick.ipynb #fc35a2b2
 def longce_vs_ce(scores: "pd.DataFrame", floor: tuple = (0.1, 0.9), n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> "pd.DataFrame":
