@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 from .core import *   # first: on a machine without CUDA it sets TRITON_INTERPRET=1 before triton is imported
 from .models import attention_modules, set_attention_hook, repeat_kv, apply_rope, token_nll, SUPPORTED_ATTENTION
-from .tensorized import choose_factorization, fold, unfold, hop_order, tensorized_attention, causal_mode, BACKENDS
+from .tensorized import choose_factorization, fold, unfold, hop_order, tensorized_attention, tensorized_complete_hop, causal_mode, BACKENDS
 
 # %% auto #0
 __all__ = ['HOPS', 'ROPE_BACKENDS', 'ROPE_MODES', 'TENSORIZE_CAUSAL', 'TensorLayout', 'make_layout', 'rope_backend',
@@ -112,32 +112,31 @@ def _hop_sdpa(q, k, v, scale: float, mode: str, c=None, need_a: bool = False):
     return out, sdpa(q, k, v, scale=scale) if need_a else None
 
 # %% ../nbs/11_tensorized_models.ipynb #64af3f78
-_MAX_GRID_Y = 65535   # CUDA's limit on grid dimension y, which the kernel uses for batch x heads
+_MAX_GRID_Y = 65535   # CUDA's limit on grid dimension y, which the kernels use for batch x heads
 
-def _triton_rows(q, k, v, scale: float, causal: bool) -> torch.Tensor:
-    "One single-hop `tensorized_attention` launch over fibre rows (10's kernel; GQA when k, v have fewer heads), split where the grid needs it."
-    f = lambda a, b, c: tensorized_attention(a, b, c, shape=(a.shape[2],), causal=causal, scale=scale, backend="triton")
-    rows = max(1, _MAX_GRID_Y // q.shape[1])
-    if q.shape[0] <= rows: return f(q, k, v)
-    return torch.cat([f(q[i:i + rows], k[i:i + rows], v[i:i + rows]) for i in range(0, q.shape[0], rows)])
+def _triton_launch(q, k, a, c=None, *, scale: float, causal: bool, need_a: bool):
+    "One launch over fibre rows: 10's single-hop kernel (c None: causal or not over a), or its complete hop (C over a and c, A if need_a)."
+    if c is None: return tensorized_attention(q, k, a, shape=(q.shape[2],), causal=causal, scale=scale, backend="triton"), None
+    return tensorized_complete_hop(q, k, a, c, scale, need_a, backend="triton")
 
 def _hop_triton(q, k, v, scale: float, mode: str, c=None, need_a: bool = False):
-    "The hop through 10's single-hop Triton kernel (causal or not); it has no hop with a separate diagonal stream `c`."
-    if c is not None: raise ValueError("backend='triton' has no per-dimension-RoPE complete hop (one softmax over A of earlier fibres and C of its own)")
-    return _triton_rows(q, k, v, scale, mode != "none"), _triton_rows(q, k, v, scale, False) if need_a else None
+    """The hop through 10's Triton kernels, split where the grid needs it. Dominance and 'none': the single-hop kernel. Complete:
+    `tensorized_complete_hop` (both streams from one score tile); the innermost hop passes A = C = V (its C is then causal attention)."""
+    if mode == "complete" and c is None: v = c = repeat_kv(v, q.shape[1] // v.shape[1])
+    f = partial(_triton_launch, scale=scale, causal=mode != "none", need_a=need_a)
+    ts = (q, k, v) if c is None else (q, k, v, c); rows = max(1, _MAX_GRID_Y // q.shape[1])
+    if q.shape[0] <= rows: return f(*ts)
+    outs = [f(*(t[i:i + rows] for t in ts)) for i in range(0, q.shape[0], rows)]
+    return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
 
 HOPS = dict(torch=_hop_torch, sdpa=_hop_sdpa, triton=_hop_triton)
 ROPE_BACKENDS = ("auto", "triton", "sdpa", "torch")
 
 def rope_backend(backend: str, causal, device) -> str:
-    """The hop engine `backend` resolves to for mode `causal` on `device`: 'auto' -> on CUDA 'triton' (10's kernel) for dominance and
-    'none', 'sdpa' for complete; elsewhere 'torch' (the reference). 'triton' with causal='complete' is refused (no such hop kernel)."""
-    mode = causal_mode(causal)
+    "The hop engine `backend` resolves to for mode `causal` on `device`: 'auto' -> 'triton' (10's kernels) on CUDA, else 'torch' (the reference)."
+    causal_mode(causal)                      # an unknown mode fails here
     if backend not in ROPE_BACKENDS: raise ValueError(f"backend must be one of {ROPE_BACKENDS}, got {backend!r}")
-    if backend == "auto": return ("sdpa" if mode == "complete" else "triton") if torch.device(device).type == "cuda" else "torch"
-    if backend == "triton" and mode == "complete":
-        raise ValueError("backend='triton' lacks causal='complete' with per-dimension RoPE: 10's kernel runs a complete hop only with Q, K "
-                         "fixed across hops (rope='flat'); use backend='sdpa', 'torch' or 'auto' (sdpa on CUDA)")
+    if backend == "auto": return "triton" if torch.device(device).type == "cuda" else "torch"
     return backend
 
 # %% ../nbs/11_tensorized_models.ipynb #62efd6aa
@@ -416,7 +415,7 @@ def tensorize(model: nn.Module, shape: int | Sequence[int] | None = None, length
     if rope not in ROPE_MODES: raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
     mode = causal_mode(causal)
     if mode not in TENSORIZE_CAUSAL: raise ValueError(f"a causal LM needs causal in {TENSORIZE_CAUSAL} (or True), got {causal!r}")
-    rope_backend(backend, mode, "cpu")       # unknown backends, and 'triton' without a complete per-dimension-RoPE hop, fail here
+    rope_backend(backend, mode, "cpu")       # an unknown backend fails here
     if getattr(model, "tensorized", None) is not None: raise ValueError("model is already tensorized")
     spec = TensorizeSpec(make_layout(shape, length, grow), rope, backend, mode)
     base = getattr(model, "model", model)
@@ -527,7 +526,7 @@ def load_cpt(base: nn.Module, save_dir, name: str) -> tuple[nn.Module, dict]:
     import json
     from pathlib import Path
     d = Path(save_dir)
-    if not (d / f"{name}.json").exists(): raise FileNotFoundError(f"no checkpoint {name!r} in {d}: run the notebook's part 'cpt' with save_dir={str(d)!r} first")
+    if not (d / f"{name}.json").exists(): raise FileNotFoundError(f"no checkpoint {name!r} in {d}: run notebook 11's part 'cpt-{name}' with save_dir={str(d)!r} first")
     desc = json.loads((d / f"{name}.json").read_text()); t = desc["tensorized"]
     model = copy.deepcopy(base) if t is None else tensorize(base, tuple(t["shape"]), grow=t["grow"], rope=t["rope"], backend=t["backend"], causal=t["causal"])
     state, own = torch.load(d / f"{name}.pt", map_location="cpu"), model.state_dict()

@@ -18,8 +18,10 @@ EXPECTED = {
     "04_evals": dict(tables=["generations", "accuracy"]),
     "10_tensorized_attention": dict(tables=["correctness_sweep", "formulation_checks", "benchmark", "factorizations", "paper_vs_ours"],
                                     figures={"benchmark": 1000, "support_4x4x4": 1000}),
-    "11_tensorized_models": dict(tables=["perplexity", "forward_ms", "results", "training", "rope_checks", "integration_checks",
-                                         "layout_growth", "paper_vs_ours"], figures={"perplexity_vs_length": 1000}),
+    "11_tensorized_models": dict(tables=["perplexity", "longppl", "results", "training", "ruler", "forward_ms", "bars", "key_tokens",
+                                         "rope_checks", "complete_checks", "integration_checks", "decode_checks", "op_counts",
+                                         "layout_growth", "paper_vs_ours"], files=["ruler_generations.csv"],
+                                 figures={"perplexity_vs_length": 1000}),
     "20_retrieval_heads": dict(tables=["top_heads", "niah_trials", "niah_masking", "niah_recall", "f1", "heads_per_variant", "train_log",
                                        "data", "task_masking", "patching", "correlations", "phases", "paper_vs_ours"],
                                figures={f: 1000 for f in ("head_scores_base", "niah_masking", "train_loss", "head_scores_variants",
@@ -193,32 +195,72 @@ def tensorized_smoke_reports(d):
     assert (d / "benchmark.png").stat().st_size > 1000 and (d / "support_4x4x4.png").stat().st_size > 1000
 
 
-TM_MODELS = ["SmolLM2 (untouched)", "SmolLM2 + PI x4", "SmolLM2 + YaRN x4", "full attention, CPT", "tensorized, zero-shot", "tensorized, CPT"]
+TM_MODELS = ["SmolLM2 (untouched)", "SmolLM2 + PI x4", "SmolLM2 + YaRN x4", "full attention, CPT", "tensorized dominance, zero-shot",
+             "tensorized dominance, CPT", "tensorized complete, zero-shot", "tensorized complete, CPT"]
+TM_CPT = ["full attention, CPT", "tensorized dominance, CPT", "tensorized complete, CPT"]
 
 
 @check("11_tensorized_models")
-def tensorized_models_smoke_reports(d):
+def tensorized_models_meta_and_quality_tables(d):
     meta = meta_of(d)
-    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and meta["layout"]["grow"] == "outer"
+    assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and meta["layout"]["grow"] == "outer" and meta["part"] == "all"
+    assert set(meta["backends"]) == {"dominance", "complete"} and meta["parts"] == {}
     lengths = meta["preset"]["eval_lengths"]
-    for name in ("perplexity", "forward_ms"):
+    for name in ("perplexity", "longppl"):
         t = read(d, name).set_index("model")
-        assert list(t.index) == TM_MODELS and [int(c) for c in t.columns] == lengths
-        vals = t.to_numpy(dtype=float)
-        assert np.isfinite(vals).all() and (vals > (1 if name == "perplexity" else 0)).all()
-    ppl = read(d, "perplexity").set_index("model")
-    assert (ppl.to_numpy() < 1e5).all()                                   # a broken model gives ~vocab size (49152) or inf
+        assert list(t.index) == TM_MODELS and [int(c) for c in t.columns] == lengths, name
+    ppl = read(d, "perplexity").set_index("model").to_numpy(dtype=float)
+    assert np.isfinite(ppl).all() and (ppl > 1).all() and (ppl < 1e5).all()     # a broken model gives ~vocab size (49152) or inf
+    lp = read(d, "longppl").set_index("model").to_numpy(dtype=float)
+    assert ((lp >= 1) | np.isnan(lp)).all()                                     # NaN only where a length's texts hold no key token
     res = read(d, "results")
-    assert len(res) == len(TM_MODELS) * len(lengths) and (res.tokens > 0).all()
+    assert len(res) == len(TM_MODELS) * len(lengths) and (res.tokens > 0).all() and np.allclose(res.ppl, np.exp(res.mean_nll))
+    keys = read(d, "key_tokens")
+    assert keys.length.tolist() == lengths and (keys.texts > 0).all() and keys.key_fraction.between(0, 1).all()
     train = read(d, "training")
-    assert list(train.model) == ["full attention, CPT", "tensorized, CPT"] and np.isfinite(train[["first_loss", "last_loss"]].to_numpy()).all()
-    assert (read(d, "rope_checks").max_abs_err < 1e-10).all()
+    assert list(train.model) == TM_CPT and np.isfinite(train[["first_loss", "last_loss"]].to_numpy()).all()
+    assert train[["steps", "train_len", "batch"]].nunique().eq(1).all()       # the same token budget for the three CPT models
+
+
+@check("11_tensorized_models")
+def tensorized_models_ruler_and_speed(d):
+    meta = meta_of(d); p = meta["preset"]
+    ruler = read(d, "ruler")
+    assert set(ruler.setting) == {"SmolLM2 (untouched)", *TM_CPT} and sorted(set(ruler.length)) == p["ruler_lengths"]
+    assert ruler[[*p["ruler_tasks"], "average"]].stack().between(0, 100).all()
+    gens = pd.read_csv(d / "ruler_generations.csv")
+    assert len(gens) == len(p["ruler_tasks"]) * len(p["ruler_lengths"]) * p["ruler_n"] * 4 and gens.score.between(0, 1).all()
+    assert set(gens.method[gens.setting.str.startswith("tensorized")]) == {"tensorized-dominance", "tensorized-complete"}
+    ft = read(d, "forward_ms")
+    assert ft.model.iloc[0] == "full attention (SDPA)" and {m for m in ft.model if "complete" in m} and len(ft) == ft.model.nunique() * len(p["speed_batches"])
+    vals = ft[[str(L) for L in p["speed_lengths"]]].to_numpy(dtype=float)
+    assert np.isfinite(vals).all() and (vals > 0).all()
+
+
+@check("11_tensorized_models")
+def tensorized_models_proofs_and_checks(d):
+    rope = read(d, "rope_checks")
+    assert set(rope.causal) == {"dominance", "complete"} and (rope.max_abs_err < rope.tolerance).all() and rope.check.str.contains("Triton").any()
+    comp = read(d, "complete_checks").value.tolist()
+    assert comp[:3] == [1.0, 1.0, 1.0] and 0 < comp[3] < 1 and comp[4] == 0.0     # exact support; dominance reaches a share; no future gradient
     integ = read(d, "integration_checks").set_index("check").value
-    assert integ.iloc[0] < 1e-3 and integ.iloc[1] == 0 and integ.iloc[2] < 1e-4 and integ.iloc[3] == 1
+    assert (integ.iloc[:4] < 1e-3).all() and integ.iloc[4] == 0 and integ.iloc[5] == 1
+    dec = read(d, "decode_checks")
+    assert dec.causal.tolist() == ["dominance", "complete"] and (dec.max_logit_diff < 1e-3).all()
+    assert dec.aggregate_rows_computed.iloc[1] == dec.stored_rows.iloc[1] and dec.stored_rows.iloc[1] % 8 == 0 and dec.stored_rows.iloc[1] < dec.stored_rows.iloc[0]
+    ops = read(d, "op_counts")
+    assert len(ops) == 5 and (ops.rope_tables_built_in_a_warm_forward == 0).all()
+
+
+@check("11_tensorized_models")
+def tensorized_models_claims_and_bars(d):
     pvo = read(d, "paper_vs_ours")
-    assert list(pvo.columns) == ["claim", "paper", "ours", "setting_difference"] and len(pvo) == 4
-    assert pvo.paper.iloc[0] == 4 and pvo.paper.iloc[2] == 11 and np.isfinite(pvo.ours.to_numpy(dtype=float)).all()
-    assert (pvo.ours.iloc[:2] >= 1).all() and (d / "perplexity_vs_length.png").stat().st_size > 1000
+    assert len(pvo) == 7 and pvo.paper.iloc[0] == 4 and pvo.paper.iloc[3] == 11 and np.isfinite(pvo.ours.to_numpy(dtype=float)).all()
+    assert (pvo.ours.iloc[:3] >= 1).all() and pvo.setting_difference.str.contains("smoke").all()
+    bars = read(d, "bars")
+    p = meta_of(d)["preset"]
+    assert len(bars) == 3 + 2 * 2 * len(p["speed_batches"]) and set(bars.met.astype(str)) <= {"True", "False"} and np.isfinite(bars.ours).all()
+    assert (d / "perplexity_vs_length.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------- 20: retrieval heads

@@ -116,15 +116,17 @@ def test_sdpa_engine_matches_reference_fwd_bwd(causal):
 
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,shape", [(1, 2, 1, 37, 16, (5, 8)), (2, 2, 2, 20, 16, (3, 3, 3))], ids=["GQA-5x8-T37", "B2-3x3x3-T20"])
-def test_triton_path_matches_reference_fwd_bwd(B, H, Hkv, L, D, shape):
-    "backend='triton' (float32) vs backend='torch', forward and backward; kernel buffers start as NaN (conftest's nan_poison)."
+@pytest.mark.parametrize("causal", MODES)
+def test_triton_path_matches_reference_fwd_bwd(B, H, Hkv, L, D, shape, causal):
+    """backend='triton' (float32) vs backend='torch', forward and backward, in both modes (complete: 10's tensorized_complete_hop per hop);
+    kernel buffers start as NaN (conftest's nan_poison)."""
     q, k, v = (t.float().to(DEV) for t in rand(B, H, Hkv, L, D))
     rope = lambda n: tuple(t.float().to(DEV) for t in rope_table(n, D=D))
     do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1)).to(DEV)
     outs = {}
     for backend in ("triton", "torch"):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        o = tensorized_rope_attention(qq, kk, vv, shape, rope, backend=backend)
+        o = tensorized_rope_attention(qq, kk, vv, shape, rope, backend=backend, causal=causal)
         outs[backend] = (o, *torch.autograd.grad(o, (qq, kk, vv), do))
     for a, b in zip(outs["triton"], outs["torch"]):
         assert a.isfinite().all()
@@ -139,14 +141,15 @@ def test_op_bad_inputs():
     with pytest.raises(ValueError, match="causal must be one of"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal="exact")
     with pytest.raises(TypeError, match="causal must be a bool"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal=1)
     with pytest.raises(ValueError, match="is causal"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal="none")
-    with pytest.raises(ValueError, match="lacks causal='complete'"):      # an engine without the mode
-        tensorized_rope_attention(q.float(), k.float(), v.float(), (4, 5), causal="complete", backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"): tensorized_rope_attention(q, k, v, (4, 5), rope_table, causal="complete", backend="flash")
 
 
 def test_backend_resolution():
     assert rope_backend("auto", True, "cpu") == "torch" and rope_backend("auto", "complete", "cpu") == "torch"
-    assert rope_backend("auto", "dominance", "cuda") == "triton" and rope_backend("auto", "complete", "cuda") == "sdpa"
-    assert rope_backend("sdpa", "complete", "cpu") == "sdpa"
+    assert rope_backend("auto", "dominance", "cuda") == "triton" and rope_backend("auto", "complete", "cuda") == "triton"
+    assert rope_backend("sdpa", "complete", "cpu") == "sdpa" and rope_backend("triton", "complete", "cpu") == "triton"
+    with pytest.raises(ValueError, match="causal must be one of"): rope_backend("auto", "exact", "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"): rope_backend("flash", "complete", "cpu")
 
 
 # ---------------------------------------------------------------- tensorize()
@@ -290,7 +293,8 @@ def test_tensorize_bad_inputs(tiny_llama):
     with pytest.raises(ValueError, match="fewer than the sequence length 20"): fixed(ids)
     with pytest.raises(ValueError, match="causal must be one of"): tensorize(tiny_llama, causal="exact")
     with pytest.raises(ValueError, match="a causal LM needs"): tensorize(tiny_llama, causal=False)
-    with pytest.raises(ValueError, match="lacks causal='complete'"): tensorize(tiny_llama, causal="complete", backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"): tensorize(tiny_llama, causal="complete", backend="flash")
+    assert tensorize(tiny_llama, shape=(4, 4), causal="complete", backend="triton").tensorized.backend == "triton"   # every engine has both modes
 
 
 def test_rope_scaling_copies_for_the_baselines(tiny_llama):
@@ -303,16 +307,17 @@ def test_rope_scaling_copies_for_the_baselines(tiny_llama):
         set_rope_scaling(tensorize(tiny_llama, shape=(4, 4)), "linear", 2.0, inplace=False)
 
 
-def test_fibre_batches_split_under_the_grid_limit(monkeypatch):
-    "More fibres x heads than CUDA's grid-y limit: the Triton engine runs a hop in chunks of fibres and gives the same result."
+@pytest.mark.parametrize("causal,kernel", [("dominance", "tensorized_attention"), ("complete", "tensorized_complete_hop")])
+def test_fibre_batches_split_under_the_grid_limit(monkeypatch, causal, kernel):
+    "More fibres x heads than CUDA's grid-y limit: the Triton engine runs a hop in chunks of fibres and gives the same result, in both modes."
     import longctx_nb.tensorized_models as TM
     q, k, v = (t.float().to(DEV) for t in rand(1, 2, 1, 24, 16))
     rope = lambda n: tuple(t.float().to(DEV) for t in rope_table(n, D=16))
-    whole = tensorized_rope_attention(q, k, v, (2, 3, 4), rope, backend="triton")
-    calls, real = [], TM.tensorized_attention
-    monkeypatch.setattr(TM, "tensorized_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    whole = tensorized_rope_attention(q, k, v, (2, 3, 4), rope, backend="triton", causal=causal)
+    calls, real = [], getattr(TM, kernel)
+    monkeypatch.setattr(TM, kernel, lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     monkeypatch.setattr(TM, "_MAX_GRID_Y", 5)          # 5 // 2 heads: 2 fibres per call
-    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (2, 3, 4), rope, backend="triton"), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tensorized_rope_attention(q, k, v, (2, 3, 4), rope, backend="triton", causal=causal), whole, rtol=1e-6, atol=1e-6)
     assert max(calls) == 2 and len(calls) == 6 // 2 + 8 // 2 + 12 // 2      # fibres per hop: 24/4, 24/3, 24/2
 
 
@@ -391,4 +396,4 @@ def test_save_and_load_cpt(tiny_llama, tmp_path, causal):
     with torch.no_grad(): torch.testing.assert_close(back(ids).logits, m(ids).logits, rtol=0, atol=0)
     assert info == dict(steps=3) and (getattr(back, "tensorized", None) is None) == (causal is None)
     if causal: assert back.tensorized == m.tensorized
-    with pytest.raises(FileNotFoundError, match="part 'cpt'"): load_cpt(fresh, tmp_path, "y")
+    with pytest.raises(FileNotFoundError, match="part 'cpt-y'"): load_cpt(fresh, tmp_path, "y")
