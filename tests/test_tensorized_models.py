@@ -260,6 +260,18 @@ def test_complete_decoding_stores_each_aggregate_once_and_reads_it(tiny_llama):
     torch.testing.assert_close(ref, full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("p", [37, 301])
+def test_a_decode_step_scores_sum_of_fibre_lengths(p):
+    """A decode step's attention work is O(sum_k n_k), not O(p): at position p, hop k scores the i_k + 1 keys of the causal part of p's
+    fibre (FLOPs of the per-token rule: q.k and p.v per key, per head), the same in both modes (the complete mode reads stored aggregates)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from longctx_nb.tensorized_models import _decode_token
+    lay, H, D = make_layout((4, 8)), 2, 16
+    k, v, past = torch.randn(1, H, p + 1, D), torch.randn(1, H, p + 1, D), [torch.randn(1, H, p + 1, D)]
+    with FlopCounterMode(display=False) as fc: _decode_token(torch.randn(1, H, 1, D), k, v, past, p, lay, None, D ** -0.5)
+    assert fc.get_total_flops() == 4 * H * D * ((p // 8 + 1) + (p % 8 + 1))
+
+
 def copy_cache(cache):
     "A deep copy of a DynamicCache with its tensorized hop states."
     import copy
