@@ -545,7 +545,10 @@ def load_parts(root) -> dict:
     import pandas as pd
     out = {}
     for d in sorted(p for p in Path(root).glob("*") if (p / "meta.json").exists()):
-        read = lambda n: pd.read_csv(d / f"{n}.csv", keep_default_na=False, na_values=["", "nan", "NaN"]) if (d / f"{n}.csv").exists() else pd.DataFrame()
+        def read(n):   # a part that scores no samples (a text-only part) wrote an empty, column-less scores.csv
+            f = d / f"{n}.csv"
+            if not f.exists() or not f.read_text().strip(): return pd.DataFrame()
+            return pd.read_csv(f, keep_default_na=False, na_values=["", "nan", "NaN"])
         out[d.name] = dict(scores=read("scores"), texts=read("texts"), variants=read("variants"), meta=json.loads((d / "meta.json").read_text()))
     return out
 

@@ -287,3 +287,18 @@ def test_a_merge_without_parts_marks_every_row_not_run():
     assert len(m["texts"]) == 2 and m["texts"].nll_sum.isna().all()
     table = variant_summary(m["scores"], m["texts"], reg, n_boot=10)
     assert table.status.tolist() == ["not run: part kv"] and np.isnan(table.accuracy.iloc[0])
+
+
+def test_a_text_only_part_loads_and_merges(tmp_path):
+    "A part with lengths=() scores texts only: its scores.csv is empty and column-less, which loads as an empty table."
+    reg = {"full": Variant("full", "kv", "s", build=lambda env: None)}
+    keys = [("t", 2048, 0)]
+    parts = [Part("kv-ppl", names=("full",), lengths=()), Part("kv-2k", names=("full",), ppl=False, lengths=(2048,))]
+    texts = pd.DataFrame([dict(variant="full", family="kv", text=j, nll_sum=1.0, n_tokens=4, status="ok") for j in range(2)])
+    save_report(tmp_path / "kv-ppl", tables=dict(scores=pd.DataFrame(), texts=texts, variants=pd.DataFrame([dict(variant="full", status="ok")])),
+                meta=run_meta(None, 1.0, part="kv-ppl"))
+    assert (tmp_path / "kv-ppl" / "scores.csv").read_text().strip() == ""
+    found = load_parts(tmp_path)
+    assert found["kv-ppl"]["scores"].empty and len(found["kv-ppl"]["texts"]) == 2
+    m = merge_parts(found, expected_rows(parts, reg, keys, n_texts=2))
+    assert (m["texts"].status == "ok").all() and m["scores"].status.tolist() == ["not run: part kv-2k"]
