@@ -16,6 +16,8 @@ if [ ! -f /tmp/site/.ready ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD LONGCTX_CACHE=$S/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# the tree travels with the .git of the session's start, so `git rev-parse HEAD` there can be stale: name the commit that ran
+[ -n "${LONGCTX_GIT_SHA:-}" ] && export LONGCTX_GIT_SHA || echo "full.sh: LONGCTX_GIT_SHA not set: meta.json takes this copy's .git, which may be stale (commit, then pass LONGCTX_GIT_SHA=\$(git rev-parse HEAD))"
 params=(); for kv in ${PARAMS:-}; do params+=(--param "$kv"); done
 for nb in "$@"; do
   python3 -c "from longctx_nb.core import reproduce_cli; import sys; sys.exit(reproduce_cli(['--config', 'full', '--only', *sys.argv[1:]]))" "$nb" "${params[@]}" \
