@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from .core import *
 from .data import as_documents, packed_batches
 from .models import token_nll, set_rope_scaling, train_lm, causal_lm_loss
-from .evals import RetrievalPrompt, line_retrieval_prompts, retrieval_scores
+from .kvcache import FullKV
+from .evals import DecodedBatch, RetrievalPrompt, TaskSample, evaluate, line_retrieval_prompts, retrieval_scores
 
 # %% auto #0
 __all__ = ['OFFICIAL', 'SMOLLM2', 'FINETUNE_LOSSES', 'KeyTokenSettings', 'window_starts', 'short_context_nll', 'lsd_lcl_mask',
            'key_token_mask', 'short_context_nll_ref', 'KeyTokens', 'find_key_tokens', 'offsets_by_decoding',
            'token_offsets', 'merge_intervals', 'tokens_in_intervals', 'LongPPLResult', 'longppl', 'LongCELoss',
-           'rope_name', 'training_batches', 'finetune_long', 'score_long_context']
+           'rope_name', 'training_batches', 'finetune_long', 'cut_context', 'answer_nll', 'CachedAnswerNLL',
+           'score_tasks', 'score_long_context']
 
 # %% ../nbs/40_longppl.ipynb #7d92aec2
 @dataclass(frozen=True)
@@ -313,11 +315,96 @@ def finetune_long(model: nn.Module, tok, data, loss: str = "ce", steps: int = 64
     if loss == "longce": hist = [dict(h, **w) for h, w in zip(hist, loss_fn.history)]
     return m, hist
 
+# %% ../nbs/40_longppl.ipynb #06e0c28d
+def cut_context(samples: Sequence[TaskSample], context: int | None) -> list[TaskSample]:
+    "The samples as a model with a `context`-token window reads them: the last `context` prompt tokens of each (None: unchanged)."
+    if context is None: return list(samples)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2: raise ValueError(f"context must be an int >= 2 or None, got {context!r}")
+    return [replace(s, input_ids=list(s.input_ids[-context:])) for s in samples]
+
+def _continuations(tok, samples: Sequence[TaskSample], lead: str) -> list[tuple[list, int]]:
+    "Per sample (lead + first reference answer token ids, number of answer tokens): what `answer_nll` scores after the prompt."
+    if not samples: raise ValueError("no samples")
+    lead_ids = tok(lead, add_special_tokens=False)["input_ids"] if lead else []
+    out = []
+    for i, s in enumerate(samples):
+        a = tok(str(s.answers[0]), add_special_tokens=False)["input_ids"] if s.answers else []
+        if not a: raise ValueError(f"sample {i} ({s.task}) has no reference answer (or it has no tokens)")
+        out.append((list(lead_ids) + list(a), len(a)))
+    return out
+
+@torch.no_grad()
+def answer_nll(model: nn.Module, tok, samples: Sequence[TaskSample], lead: str = ": ", batch_size: int = 8) -> np.ndarray:
+    "Mean NLL [n] of each sample's first reference answer written after its prompt and `lead` (teacher-forced; the answer tokens only)."
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    conts = _continuations(tok, samples, lead)
+    lm = _unwrap(model); dev = next(lm.parameters()).device; head = lm.get_output_embeddings()
+    seqs = [(list(s.input_ids) + c[:-1], c[-n:]) for s, (c, n) in zip(samples, conts)]
+    out, groups = np.full(len(seqs), np.nan), {}
+    for i, (x, a) in enumerate(seqs): groups.setdefault((len(x), len(a)), []).append(i)   # equal lengths batch without padding
+    for (_, na), idx in groups.items():
+        for j in range(0, len(idx), batch_size):
+            b = idx[j : j + batch_size]
+            x = torch.tensor([seqs[i][0] for i in b], device=dev); a = torch.tensor([seqs[i][1] for i in b], device=dev)
+            out[b] = _ce(head(lm.model(input_ids=x, use_cache=False).last_hidden_state[:, -na:]), a).mean(1).cpu().numpy()
+    return out
+
+class CachedAnswerNLL:
+    """`evals.evaluate`'s `on_batch`: each sample's `answer_nll`, teacher-forced through a full-attention cache built from the batch's
+    exact prefill (the one `evaluate` decodes from), so the prompt is run once. `samples`: the list `evaluate` is given."""
+    def __init__(self, model: nn.Module, tok, samples: Sequence[TaskSample], lead: str = ": "):
+        self.model, self.conts = model, _continuations(tok, samples, lead)
+
+    def __call__(self, d: DecodedBatch) -> list[dict]:
+        conts = [self.conts[i] for i in d.indices]; (B, S), n = d.input_ids.shape, max(len(c) for c, _ in conts)
+        fed = torch.zeros(B, max(n - 1, 1), dtype=torch.long); tgt = torch.full((B, n), -100, dtype=torch.long)  # -100: not scored
+        for r, (c, na) in enumerate(conts):
+            fed[r, : len(c) - 1] = torch.as_tensor(c[:-1], dtype=torch.long); tgt[r, len(c) - na : len(c)] = torch.as_tensor(c[-na:])
+        logits = d.logits[:, None].float()              # the prefill's last position predicts the first continuation token
+        if n > 1:                                       # rows end-padded: a causal model never looks right
+            cache = FullKV().make_cache(self.model, S)
+            try:
+                cache.load_prefill(d.records); dev = d.logits.device
+                pos = torch.arange(S, S + n - 1, device=dev).expand(B, n - 1)
+                more = self.model(input_ids=fed.to(dev), position_ids=pos, past_key_values=cache, use_cache=True).logits
+            finally:
+                cache.detach()
+            logits = torch.cat([logits, more.float()], 1)
+        tgt = tgt.to(logits.device); nll = _ce(logits, tgt)  # 0 where the target is -100
+        return [dict(answer_nll=float(nll[r].sum() / (tgt[r] >= 0).sum())) for r in range(B)]
+
+def score_tasks(model: nn.Module, tok, samples: Sequence[TaskSample], context: int | None = None, batch_size: int = 8,
+                max_new_tokens: int | None = None, lead: str = ": ") -> "pd.DataFrame":
+    """The shared suite on one model: `evals.evaluate` with full attention on `samples` cut to their last `context` tokens; one row per
+    sample (`sample` = its index in `samples`, `length` = its prompt length, `context` = the tokens read) with its `answer_nll`."""
+    if not samples: raise ValueError("no samples to score")
+    seen = cut_context(samples, context)
+    order = sorted(range(len(seen)), key=lambda i: (len(seen[i].input_ids), seen[i].max_new_tokens))  # a batch: one generation budget
+    ordered = [seen[i] for i in order]
+    df = evaluate([FullKV()], ordered, model, tok, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                  on_batch=CachedAnswerNLL(model, tok, ordered, lead))
+    df["sample"] = np.asarray(order)[df["sample"].to_numpy()]
+    df["context"] = df["length"]; df["length"] = [len(samples[i].input_ids) for i in df["sample"]]
+    return df.sort_values("sample", kind="stable").reset_index(drop=True)
+
 # %% ../nbs/40_longppl.ipynb #c8d1663d
-def score_long_context(model: nn.Module, tokenizer, texts: Sequence[str], key_tokens: Sequence[KeyTokens], prompts: Sequence[RetrievalPrompt],
-                       context: int | None = None, window_batch: int = 8, batch_size: int = 4) -> dict:
-    "PPL, LongPPL (fixed key tokens) and record-retrieval accuracy of `model`, optionally with its context cut to `context` tokens."
+def score_long_context(model: nn.Module, tokenizer, texts: Sequence[str], key_tokens: Sequence[KeyTokens],
+                       prompts: Sequence[TaskSample] | Sequence[RetrievalPrompt] | None = None, context: int | None = None,
+                       window_batch: int = 8, batch_size: int = 4, max_new_tokens: int | None = None) -> dict:
+    """PPL, LongPPL (fixed key tokens), long-context accuracy and answer NLL of `model`, optionally with its context cut to `context`
+    tokens. `prompts`: task samples (the shared suite; the per-sample table is returned as `per_sample`), record-retrieval prompts, or None."""
+    prompts = None if prompts is None else list(prompts)
+    if prompts is not None:
+        if not prompts: raise ValueError("prompts is empty: pass None to score no task")
+        kinds = {type(p).__name__ for p in prompts}
+        if not (all(isinstance(p, TaskSample) for p in prompts) or all(isinstance(p, RetrievalPrompt) for p in prompts)):
+            raise TypeError(f"prompts must be all TaskSamples or all RetrievalPrompts, got {sorted(kinds)}")
     nll_fn = None if context is None else (lambda m, x: short_context_nll(m, x, context, max(1, context // 4), window_batch=window_batch, prefix=True))
     r = longppl(model, tokenizer, texts, key_tokens=key_tokens, nll_fn=nll_fn)
+    out = dict(ppl=r.ppl, longppl=r.longppl, n_key=r.n_key, accuracy=float("nan"), answer_nll=float("nan"))
+    if prompts is None: return out
+    if isinstance(prompts[0], TaskSample):
+        t = score_tasks(model, tokenizer, prompts, context=context, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        return dict(out, accuracy=float(t.score.mean()), answer_nll=float(t.answer_nll.mean()), per_sample=t)
     acc = retrieval_scores(model, prompts, context=context, batch_size=batch_size)
-    return dict(ppl=r.ppl, longppl=r.longppl, n_key=r.n_key, accuracy=float(acc.correct.mean()), answer_nll=float(acc.answer_nll.mean()))
+    return dict(out, accuracy=float(acc.correct.mean()), answer_nll=float(acc.answer_nll.mean()))

@@ -354,3 +354,107 @@ def test_finetune_long_bad_inputs(data, kw, err, match):
                 strings=["a text"], vectors=[torch.zeros(16, dtype=torch.long)], empty_docs=[], no_batches=iter([]))[data]
     with pytest.raises(err, match=match):
         finetune_long(model, None, data, **{"steps": 1, "gradient_checkpointing": False, **kw})
+
+
+# ------------------------------------------------------------------ accuracy from the shared suite (cut_context, answer_nll, score_tasks)
+def _samples(tok, n=4):
+    "Hand-made task samples: prompts of two lengths, answers of seven digits, generation budgets of 4 and 6 tokens, tasks interleaved."
+    from longctx_nb.evals import TaskSample
+    g = torch.Generator().manual_seed(12)
+    return [TaskSample(("niah_single", "niah_multivalue")[i % 2], torch.randint(10, 40000, (30 + 6 * (i % 3 == 0),), generator=g).tolist(),
+                       [str(1000000 + 7919 * i), "2222222"], 4 + 2 * (i % 2)) for i in range(n)]
+
+
+def test_cut_context():
+    from longctx_nb.evals import TaskSample
+    from longctx_nb.longppl import cut_context
+    s = [TaskSample("niah_single", list(range(10)), ["1"], 3), TaskSample("niah_single", list(range(4)), ["1"], 3)]
+    cut = cut_context(s, 6)
+    assert [c.input_ids for c in cut] == [list(range(4, 10)), list(range(4))] and cut[0].answers == ["1"] and s[0].input_ids == list(range(10))
+    assert cut_context(s, None) == s and cut_context(s, None) is not s
+    for bad in (1, 0, True, 2.5, "4"):
+        with pytest.raises(ValueError, match="context must be an int >= 2"):
+            cut_context(s, bad)
+
+
+def test_answer_nll_is_the_teacher_forced_nll_of_the_answer(smol_tok):
+    from longctx_nb.longppl import answer_nll
+    model = _tiny(seed=13); samples = _samples(smol_tok, 5)
+    got = answer_nll(model, smol_tok, samples, lead=": ", batch_size=2)
+    lead = smol_tok(": ", add_special_tokens=False)["input_ids"]
+    for s, v in zip(samples, got):
+        a = smol_tok(s.answers[0], add_special_tokens=False)["input_ids"]
+        ref = token_nll(model, torch.tensor([s.input_ids + lead + a]))[0, -len(a):].mean().item()
+        assert abs(v - ref) < 1e-4, (v, ref)
+    assert np.allclose(got, answer_nll(model, smol_tok, samples, batch_size=1), atol=1e-5)  # batching does not change it
+    no_lead = answer_nll(model, smol_tok, samples[:1], lead="")
+    assert not np.allclose(no_lead, got[:1])
+    from dataclasses import replace
+    for bad, match in (([replace(samples[0], answers=[])], "no reference answer"), ([replace(samples[0], answers=[""])], "no tokens"), ([], "no samples")):
+        with pytest.raises(ValueError, match=match):
+            answer_nll(model, smol_tok, bad)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        answer_nll(model, smol_tok, samples, batch_size=0)
+
+
+def test_score_tasks_is_evaluate_with_full_attention_in_sample_order(smol_tok):
+    from longctx_nb.evals import evaluate
+    from longctx_nb.kvcache import FullKV
+    from longctx_nb.longppl import answer_nll, cut_context, score_tasks
+    model = _tiny(seed=14); samples = _samples(smol_tok, 6)
+    df = score_tasks(model, smol_tok, samples, batch_size=4)
+    ref = evaluate([FullKV()], samples, model, smol_tok, batch_size=4)   # the same samples in their own order
+    assert df["sample"].tolist() == list(range(6)) and df.task.tolist() == [s.task for s in samples]
+    assert df.prediction.tolist() == ref.sort_values("sample").prediction.tolist() and np.allclose(df.score, ref.sort_values("sample").score)
+    assert (df.length == df.context).all() and df.length.tolist() == [len(s.input_ids) for s in samples] and df.score.between(0, 1).all()
+    assert np.allclose(df.answer_nll, answer_nll(model, smol_tok, samples), atol=1e-5)
+    cut = score_tasks(model, smol_tok, samples, context=20, batch_size=4, max_new_tokens=2)
+    assert (cut.context == 20).all() and cut.length.tolist() == df.length.tolist()
+    assert np.allclose(cut.answer_nll, answer_nll(model, smol_tok, cut_context(samples, 20)), atol=1e-5)
+    with pytest.raises(ValueError, match="no samples"):
+        score_tasks(model, smol_tok, [])
+
+
+def test_cached_answer_nll_is_answer_nll_from_evaluates_prefill(smol_tok):
+    "Answers of different lengths in one batch (end-padded), with and without a lead, and a one-token continuation: answer_nll's numbers."
+    from dataclasses import replace
+    from longctx_nb.evals import evaluate
+    from longctx_nb.kvcache import FullKV
+    from longctx_nb.longppl import CachedAnswerNLL, answer_nll
+    model = _tiny(seed=17); base = _samples(smol_tok, 4)
+    samples = [replace(s, input_ids=base[0].input_ids, answers=[a]) for s, a in zip(base, ["7", "123", "98765432", "hello there"])]
+    for lead, group in ((": ", samples), ("", samples), ("", samples[:1])):   # the last: "7" alone, only the prefill's logits
+        df = evaluate([FullKV()], group, model, smol_tok, batch_size=4, max_new_tokens=2, on_batch=CachedAnswerNLL(model, smol_tok, group, lead))
+        assert np.allclose(df.sort_values("sample").answer_nll, answer_nll(model, smol_tok, group, lead=lead), atol=1e-5), lead
+    for bad, match in (([replace(samples[0], answers=[])], "no reference answer"), ([], "no samples")):
+        with pytest.raises(ValueError, match=match):
+            CachedAnswerNLL(model, smol_tok, bad)
+
+
+def test_score_long_context_on_task_samples(smol_tok, passage):
+    model = _tiny(seed=15); st = KeyTokenSettings(32, 16, alpha=0.0, beta=-20.0)
+    kt = find_key_tokens([passage], _tiny(seed=8), smol_tok, st); samples = _samples(smol_tok, 4)
+    s = score_long_context(model, smol_tok, [passage], kt, samples, context=24, batch_size=2)
+    t = s["per_sample"]
+    assert len(t) == 4 and math.isclose(s["accuracy"], t.score.mean()) and math.isclose(s["answer_nll"], t.answer_nll.mean()) and (t.context == 24).all()
+    none = score_long_context(model, smol_tok, [passage], kt, None)
+    assert math.isnan(none["accuracy"]) and math.isnan(none["answer_nll"]) and "per_sample" not in none and math.isfinite(none["longppl"])
+    from longctx_nb.data import load_corpus
+    mixed = samples[:1] + line_retrieval_prompts(smol_tok, load_corpus("austen", "test"), length=200, n=1, n_lines=2)
+    with pytest.raises(TypeError, match="all TaskSamples or all RetrievalPrompts"):
+        score_long_context(model, smol_tok, [passage], kt, mixed)
+    with pytest.raises(ValueError, match="pass None to score no task"):
+        score_long_context(model, smol_tok, [passage], kt, [])
+
+
+@pytest.mark.gpu
+def test_score_tasks_under_cuda_autocast_over_float32_weights(smol_tok):
+    "The notebook scores every variant under bf16 autocast over float32 weights: the cache path must take the mixed dtypes."
+    from longctx_nb.longppl import score_tasks
+    model = _tiny(seed=16).cuda(); samples = _samples(smol_tok, 6)
+    ref = score_tasks(model, smol_tok, samples, batch_size=3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = score_tasks(model, smol_tok, samples, batch_size=3)
+        cut = score_tasks(model, smol_tok, samples, context=20, batch_size=3)
+    assert got.score.between(0, 1).all() and np.isfinite(got.answer_nll).all() and np.isfinite(cut.answer_nll).all()
+    assert np.allclose(got.answer_nll, ref.answer_nll, atol=0.1)   # bf16 matmuls: close to the float32 NLL, not equal

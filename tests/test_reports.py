@@ -16,7 +16,8 @@ EXPECTED = {
     "02_models": dict(tables=["ppl_by_position", "attention_hook_check", "load_times"], figures={"ppl_by_position": 1000}),
     "03_kvcache": dict(tables=["kept_tokens", "method_sizes", "through_generate"]),
     "04_evals": dict(tables=["generations", "accuracy"]),
-    "10_tensorized_attention": dict(tables=["correctness_sweep", "formulation_checks", "benchmark", "factorizations", "paper_vs_ours"],
+    "10_tensorized_attention": dict(tables=["correctness_sweep", "formulation_checks", "benchmark", "factorizations", "coverage",
+                                            "complete_vs_dominance", "roofline_floors", "paper_vs_ours"],
                                     figures={"benchmark": 1000, "support_4x4x4": 1000}),
     "11_tensorized_models": dict(tables=["perplexity", "longppl", "results", "training", "ruler", "forward_ms", "bars", "key_tokens",
                                          "rope_checks", "complete_checks", "integration_checks", "decode_checks", "op_counts",
@@ -29,8 +30,9 @@ EXPECTED = {
                                files=["head_scores_base.json"]),
     "30_graphlss": dict(tables=["rouge", "ablations", "paired_differences", "rouge_per_seed", "class_weight_history", "graphs", "speed",
                                 "paper_vs_ours"], figures={"class_weight": 5000}),
-    "40_longppl": dict(tables=["key_tokens", "demo_key_tokens", "longce_vs_ce", "training", "variants", "correlation", "paper_vs_ours",
-                               "agreement_with_official"], figures={"longce_vs_ce": 5000, "correlation": 5000}),
+    "40_longppl": dict(tables=["key_tokens", "demo_key_tokens", "longce_vs_ce", "longce_gain", "training", "variants", "correlation",
+                               "paper_vs_ours", "agreement_with_official"], files=["task_scores.csv"],
+                       figures={"longce_vs_ce": 5000, "correlation": 5000}),
     "50_shadowkv": dict(tables=["accuracy", "accuracy_by_context", "layouts", "rank_error", "attention_mass", "kernel_check", "paper_vs_ours"],
                         csv_only=["generations"], figures={"accuracy_vs_budget": 5000, "rank_error": 5000}),
     "51_shadowkv_throughput": dict(tables=["bandwidths", "memory_model", "pinned_rounding", "throughput", "headline", "fp8_accuracy",
@@ -183,7 +185,10 @@ def tensorized_smoke_reports(d):
     meta = meta_of(d)
     assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0
     sweep = read(d, "correctness_sweep")
-    assert len(sweep) == 4 and not sweep.nan.any()
+    assert len(sweep) == 7 and (sweep.causal == "complete").sum() == 3 and not sweep.nan.any()
+    cov = read(d, "coverage")
+    assert (cov[cov.causal == "complete"].pair_share == 1).all() and (cov[cov.causal == "complete"].tokens_missing_previous == 0).all()
+    assert (cov[cov.causal == "dominance"].pair_share < 1).all()
     errs = sweep[["o", "dq", "dk", "dv"]].to_numpy()
     assert np.isfinite(errs).all() and (errs < 1e-4).all()
     checks = read(d, "formulation_checks").set_index("check")
@@ -382,37 +387,71 @@ def graphs_speed_meta_claims(d):
 
 
 # ---------------------------------------------------------------- 40: LongPPL / LongCE
+def _task_lengths(meta) -> list:
+    p = meta["preset"]; return sorted(set(p["task_lengths"]) | {p["corr_len"]})
+
+
 @check("40_longppl")
 def longppl_meta_and_files(d):
     meta = meta_of(d)
     assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and "YaRN" in meta["evaluator"]
+    assert all(0 < meta[k] < meta["wall_s"] for k in ("scored_variants_s", "train_s", "scored_finetunes_s"))
     for f in ("longce_vs_ce.png", "correlation.png"):
         assert (d / f).stat().st_size > 5000
 
 
 @check("40_longppl")
 def key_tokens_found_on_the_evaluation_texts(d):
-    k = read(d, "key_tokens")
+    k, p = read(d, "key_tokens"), meta_of(d)["preset"]
     assert (k.tokens > 0).all() and (k.key_tokens >= 1).all() and ((k.key_fraction > 0) & (k.key_fraction < 0.5)).all()
+    expected = [len(p["tasks"]) * p["samples_per_task"] if L in _task_lengths(meta_of(d)) else 0 for L in k.length]
+    assert k.task_samples.tolist() == expected
     demo = read(d, "demo_key_tokens")
     assert len(demo) > 0 and (demo.LSD > 2).all() and (demo.nll_full < 2).all() and (demo.position >= 64).all()
 
 
 @check("40_longppl")
+def task_scores_per_sample(d):
+    "One row per (variant, length, sample) of the shared suite, where tasks were run: every variant at corr_len, the extended models at every task length."
+    t, p = pd.read_csv(d / "task_scores.csv"), meta_of(d)["preset"]
+    n = len(p["tasks"]) * p["samples_per_task"]
+    assert set(t.task) == set(p["tasks"]) and t.score.between(0, 1).all() and np.isfinite(t.answer_nll).all() and (t.answer_nll >= 0).all()
+    assert (t.context <= t.prompt_tokens).all() and (t.prompt_tokens == t.length - p["answer_room"]).all() and (t.groupby(["label", "length"]).size() == n).all()
+    assert set(t.length) == set(_task_lengths(meta_of(d))) and (t.length == p["corr_len"]).sum() == n * len(read(d, "variants"))
+    for L in _task_lengths(meta_of(d)):
+        assert {"YaRN x4", *(f"{m} (YaRN x4) s{s}" for m in ("CE", "LongCE") for s in p["seeds"])} <= set(t.label[t.length == L])
+    cut = t[t.kind == "context cut"]
+    assert len(cut) and (cut.context < cut.prompt_tokens).all()
+
+
+@check("40_longppl")
 def longce_vs_ce_table(d):
     t = read(d, "longce_vs_ce")
-    meta = meta_of(d)
-    lengths = meta["preset"]["eval_lengths"]
+    meta = meta_of(d); p = meta["preset"]
+    lengths = sorted(set(p["eval_lengths"]) | set(_task_lengths(meta)))
     assert set(t.variant) == {"YaRN x4", "CE (YaRN x4)", "LongCE (YaRN x4)"} and len(t) == 3 * len(lengths)
-    assert (t[t.variant != "YaRN x4"].seeds == len(meta["preset"]["seeds"])).all()
-    assert np.isfinite(t.ppl).all() and (t.ppl > 1).all() and (t.ppl < 1e4).all() and t.accuracy.between(0, 1).all()
-    assert (t.longppl.dropna() >= 1).all()
+    assert (t[t.variant != "YaRN x4"].seeds == len(p["seeds"])).all()
+    assert np.isfinite(t.ppl).all() and (t.ppl > 1).all() and (t.ppl < 1e4).all() and (t.longppl.dropna() >= 1).all()
+    measured = t.length.isin(_task_lengths(meta))
+    assert t.accuracy_pct[measured].between(0, 100).all() and t.accuracy_pct[~measured].isna().all()
+    assert t.accuracy_ci[measured].str.match(r"^\[\d+\.\d, \d+\.\d\]$").all()
+
+
+@check("40_longppl")
+def longce_gain_paired_over_seeds_and_samples(d):
+    g, p = read(d, "longce_gain"), meta_of(d)["preset"]
+    assert len(g) == len(_task_lengths(meta_of(d))) * (len(p["tasks"]) + 1) and set(g.task) == {*p["tasks"], "all"}
+    assert sorted(set(g.length)) == _task_lengths(meta_of(d))
+    assert (g.pairs[g.task == "all"] == len(p["seeds"]) * len(p["tasks"]) * p["samples_per_task"]).all()
+    assert np.allclose(g.gain_points, g.longce_pct - g.ce_pct, atol=1e-3) and g.gain_points.between(-100, 100).all()
+    assert ((g.gain_ci_lo <= g.gain_points + 1e-6) & (g.gain_points <= g.gain_ci_hi + 1e-6)).all()
+    assert [c for c in g.columns if c.startswith("gain_seed")] == [f"gain_seed{s}" for s in p["seeds"]]
 
 
 @check("40_longppl")
 def training_ran_both_losses_for_every_seed(d):
     tr = read(d, "training")
-    assert sorted(tr.method.unique()) == ["CE", "LongCE"] and len(tr) == 2 * tr.seed.nunique()
+    assert sorted(tr.method.unique()) == ["CE", "LongCE"] and len(tr) == 2 * tr.seed.nunique() == 2 * len(meta_of(d)["preset"]["seeds"])
     assert np.isfinite(tr.last_loss).all() and (tr.last_loss < 15).all()
     lce = tr[tr.method == "LongCE"]
     assert (lce.mean_weight >= 0).all() and (lce.mean_weight <= 5).all() and lce.frac_weight_up.between(0, 1).all()
@@ -420,18 +459,28 @@ def training_ran_both_losses_for_every_seed(d):
 
 @check("40_longppl")
 def variants_and_correlation(d):
-    v = read(d, "variants")
-    assert len(v) >= 8 and v.label.is_unique and np.isfinite(v.ppl).all() and v.accuracy.between(0, 1).all()
+    v, p = read(d, "variants"), meta_of(d)["preset"]
+    assert len(v) >= 8 and v.label.is_unique and np.isfinite(v.ppl).all() and v.accuracy_pct.between(0, 100).all()
     assert {"RoPE scaling, no training", "context cut", "fine-tuned", "as released"} <= set(v.kind)
+    assert {*p["tasks"], "accuracy_ci"} <= set(v.columns) and np.allclose(v[list(p["tasks"])].mean(axis=1), v.accuracy_pct)
     c = read(d, "correlation")
-    assert c.metric.tolist() == ["ppl", "longppl"] and (c.pearson_r.dropna().abs() <= 1 + 1e-9).all()
-    assert c.set_index("metric").loc["ppl", "variants"] == len(v)
+    assert c.metric.tolist() == ["ppl", "longppl", "answer_nll"] * 2 and c.scope.tolist() == ["all variants"] * 3 + ["without context cuts"] * 3
+    assert (c.variants[c.scope == "all variants"] == len(v)).all() and (c.variants[c.scope != "all variants"] == (v.kind != "context cut").sum()).all()
+    assert (c.prompts == len(p["tasks"]) * p["samples_per_task"]).all()   # every variant on the same prompts
+    for stat in ("pearson", "spearman"):
+        r = c[f"{stat}_{'r' if stat == 'pearson' else 'rho'}"]
+        assert (r.dropna().abs() <= 1 + 1e-9).all()
+        for over in ("", "_prompts"):   # intervals over variants and over prompts
+            lo, hi = c[f"{stat}{over}_lo"], c[f"{stat}{over}_hi"]
+            assert ((lo <= hi) | lo.isna()).all() and ((lo >= -1 - 1e-9) | lo.isna()).all() and ((hi <= 1 + 1e-9) | hi.isna()).all()
 
 
 @check("40_longppl")
 def longppl_paper_vs_ours_and_agreement(d):
     p = read(d, "paper_vs_ours")
-    assert len(p) == 4 and p.claim.str.contains("LongPPL").any() and p.setting_difference.notna().all()
+    assert len(p) == 3 + len(_task_lengths(meta_of(d))) and p.claim.str.contains("LongPPL").any() and p.setting_difference.notna().all()
+    num = r"(-?\d\.\d\d|nan)"   # NaN where a toy run's variants tie
+    assert p.ours.iloc[:2].str.match(rf"^{num} \[{num}, {num}\]$").all()   # r [95% CI]
     a = read(d, "agreement_with_official")
     if a.quantity.tolist() == ["longppl not installed"]:
         # in CI (LONGCTX_REPORTS set) the run and this check share one environment; committed reports may come from another
