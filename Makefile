@@ -80,7 +80,7 @@ gpu-bundle: install
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl -r tools/gpu/wheels.txt
 	G="$$($(BIN)/python -c "from longctx_nb.models import embedded_gguf; print(embedded_gguf('smollm2-135m'))")"; \
-	  head -c 44000000 "$$G" > .gpu/gguf.part00; tail -c +44000001 "$$G" > .gpu/gguf.part01
+	  rm -f .gpu/gguf.part*; split -b 35000000 -d -a 2 "$$G" .gpu/gguf.part
 	mkdir -p .gpu/whl-test .gpu/assets
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl-test -r tools/gpu/wheels-test.txt

@@ -11,7 +11,7 @@ from longctx_nb.evals import TaskSample, evaluate
 from longctx_nb.kvcache import FullKV, SnapKV, StreamingLLM, QuestPages, H2O, record_prefill, record_window
 from longctx_nb.models import token_nll
 from longctx_nb.shadowkv import ShadowKV
-from longctx_nb.yardstick import (FAMILIES, Built, Env, Part, Skip, Variant, VariantArrays, BatchMetrics, Workload, budget_label,
+from longctx_nb.yardstick import (part_files, FAMILIES, Built, Env, Part, Skip, Variant, VariantArrays, BatchMetrics, Workload, budget_label,
                                   cached_nll, check_runnable, correlation_table, expected_rows, first_step_attention, head_scores_from_json,
                                   kept_mask, kept_mass, kept_positions, load_parts, longce_vs_ce, merge_parts, multilevel_bootstrap,
                                   paper_variants, plain_tail_nll, register, score_variants, tail_nll, variant_arrays, variant_summary)
@@ -290,14 +290,14 @@ def test_a_merge_without_parts_marks_every_row_not_run():
 
 
 def test_a_text_only_part_loads_and_merges(tmp_path):
-    "A part with lengths=() scores texts only: its scores.csv is empty and column-less, which loads as an empty table."
+    "A part with lengths=() scores texts only: its scores table is empty and column-less, which loads as an empty table (gzipped parts, as the notebook writes them)."
     reg = {"full": Variant("full", "kv", "s", build=lambda env: None)}
     keys = [("t", 2048, 0)]
     parts = [Part("kv-ppl", names=("full",), lengths=()), Part("kv-2k", names=("full",), ppl=False, lengths=(2048,))]
     texts = pd.DataFrame([dict(variant="full", family="kv", text=j, nll_sum=1.0, n_tokens=4, status="ok") for j in range(2)])
-    save_report(tmp_path / "kv-ppl", tables=dict(scores=pd.DataFrame(), texts=texts, variants=pd.DataFrame([dict(variant="full", status="ok")])),
+    save_report(tmp_path / "kv-ppl", files=part_files(dict(scores=pd.DataFrame(), texts=texts, variants=pd.DataFrame([dict(variant="full", status="ok")]))),
                 meta=run_meta(None, 1.0, part="kv-ppl"))
-    assert (tmp_path / "kv-ppl" / "scores.csv").read_text().strip() == ""
+    assert sorted(f.name for f in (tmp_path / "kv-ppl").iterdir()) == ["meta.json", "scores.csv.gz", "texts.csv.gz", "variants.csv.gz"]
     found = load_parts(tmp_path)
     assert found["kv-ppl"]["scores"].empty and len(found["kv-ppl"]["texts"]) == 2
     m = merge_parts(found, expected_rows(parts, reg, keys, n_texts=2))
