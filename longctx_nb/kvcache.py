@@ -452,10 +452,9 @@ class KeptTokensLayer(HookedKVLayer):
     def compress(self, rec: PrefillRecord):
         m, (B, Hkv, S, D) = self.owner.method, rec.keys.shape
         vfull = None if rec.valid is None else rec.valid[:, None].expand(B, Hkv, S)
-        T = m.budget_tokens(S)
-        if T >= S:
+        if not hasattr(m, "keep"):                                  # full attention: nothing to choose
             self.buf = TokenBuffer(rec.keys, rec.values, vfull, extra=self.owner.reserve_tokens); return
-        idx = m.keep(rec, T)
+        idx = m.keep(rec, min(S, m.budget_tokens(S)))               # a budget covering the prompt takes this path too
         g = lambda x: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
         self.buf = TokenBuffer(g(rec.keys), g(rec.values), None if vfull is None else vfull.gather(2, idx), extra=self.owner.reserve_tokens)
 
@@ -484,10 +483,11 @@ class StreamingLLM(BudgetedKV):
     def min_budget(self) -> int: return self.n_sink + 1
     def keep(self, rec: PrefillRecord, n: int) -> torch.Tensor:
         B, Hkv, S, _ = rec.keys.shape
-        dev = rec.keys.device
-        first = torch.zeros(B, 1, dtype=torch.long, device=dev) if rec.valid is None else rec.valid.int().argmax(1, keepdim=True)
-        idx = torch.cat([first + torch.arange(self.n_sink, device=dev), torch.arange(S - (n - self.n_sink), S, device=dev).expand(B, -1)], 1)
-        return idx[:, None].expand(B, Hkv, -1)
+        pos = torch.arange(S, device=rec.keys.device).expand(B, S)
+        first = 0 if rec.valid is None else rec.valid.int().argmax(1, keepdim=True)
+        rank = pos.float().masked_fill((pos >= first) & (pos < first + self.n_sink), float("inf"))   # sinks, then the newest
+        if rec.valid is not None: rank = rank.masked_fill(~rec.valid, float("-inf"))
+        return rank.topk(n, -1).indices.sort(-1).values[:, None].expand(B, Hkv, n)
 
 # %% ../nbs/03_kvcache.ipynb #2912a86b
 class QuestLayer(HookedKVLayer):
@@ -552,6 +552,8 @@ class ScoredEviction(BudgetedKV):
     layer_class: ClassVar[type] = KeptTokensLayer
     def score(self, rec: PrefillRecord, n: int) -> torch.Tensor: raise NotImplementedError(f"{type(self).__name__} must implement score(rec, n)")
     def keep(self, rec: PrefillRecord, n: int) -> torch.Tensor:
+        B, Hkv, S = rec.keys.shape[:3]
+        if n >= S: return torch.arange(S, device=rec.keys.device).expand(B, Hkv, S)
         s = self.score(rec, n)
         if s.shape != rec.keys.shape[:3]: raise ValueError(f"{type(self).__name__}.score returned {tuple(s.shape)}, expected {tuple(rec.keys.shape[:3])}")
         if rec.valid is not None: s = s.masked_fill(~rec.valid[:, None], float("-inf"))
@@ -563,7 +565,16 @@ class SnapKV(ScoredEviction):
     "SnapKV-style eviction (Li et al. 2024): the last `window` prompt queries vote (pooled attention) which tokens stay, per kv head."
     window: int = 32
     pool_kernel: int = 5
+    pooling: str = "avg"                      # "avg" or "max" (the official code's two; avg is its default and kvpress's)
     name: ClassVar[str] = "snapkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for k in ("window", "pool_kernel"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{k} must be an int >= 1, got {v!r}")
+        if self.pool_kernel % 2 == 0: raise ValueError(f"pool_kernel must be odd (a pool centred on each token), got {self.pool_kernel}")
+        if self.pooling not in ("avg", "max"): raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
 
     @property
     def query_window(self) -> int: return self.window
@@ -578,8 +589,9 @@ class SnapKV(ScoredEviction):
         if valid is not None: s = s.masked_fill(~valid[:, None, None, None, :S - w], float("-inf"))
         s_win = torch.einsum("bhgld,bhsd->bhgls", qg, keys[:, :, S - w:].float()) * D ** -0.5          # the window attends to itself
         s_win = s_win.masked_fill(~torch.ones(w, w, dtype=torch.bool, device=keys.device).tril(), float("-inf"))   # causally
-        p = torch.cat([s, s_win], -1).softmax(-1)[..., :S - w].sum(3).mean(2)                      # normalized over all S keys
-        p = F.avg_pool1d(p.reshape(B * Hkv, 1, -1), self.pool_kernel, stride=1, padding=self.pool_kernel // 2).view(B, Hkv, -1)[..., :S - w]
+        p = torch.cat([s, s_win], -1).softmax(-1)[..., :S - w].sum(3)                              # votes per query head [B, Hkv, G, S-w]
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+        p = pool(p.reshape(-1, 1, S - w), self.pool_kernel, stride=1, padding=self.pool_kernel // 2).view(B, Hkv, -1, S - w).mean(2)
         return torch.cat([p, torch.full((B, Hkv, w), float("inf"), device=keys.device)], -1)
 
 # %% ../nbs/03_kvcache.ipynb #a1a4e968

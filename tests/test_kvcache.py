@@ -1,6 +1,6 @@
 "KV-cache framework (longctx_nb.kvcache): the layer contract and its states, the shared prefill, the wiring, every method class, bad inputs."
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 import pytest
 import torch
@@ -236,6 +236,31 @@ def test_streaming_sinks_are_the_first_real_tokens_of_a_left_padded_row():
     assert idx[0, 0].tolist() == [0, 1] + list(range(32, 40)) and idx[1, 0].tolist() == [8, 9] + list(range(32, 40))
 
 
+def test_streaming_keeps_each_token_once_in_a_short_padded_row():
+    "12 real tokens of 20 at a budget of 16: the sinks fall inside the recent window, and each position is kept once."
+    rec = _random_records(tiny_llama_config(), 2, 20)[0]
+    valid = torch.ones(2, 20, dtype=torch.bool); valid[1, :8] = False
+    rec = PrefillRecord(keys=rec.keys, values=rec.values, positions=rec.positions, valid=valid)
+    idx = StreamingLLM(budget=16).keep(rec, 16)
+    assert all(len(set(row)) == 16 and row == sorted(row) for row in idx.flatten(0, 1).tolist())
+    assert idx[0, 0].tolist() == [0, 1, 2, 3] + list(range(8, 20)) and set(range(8, 20)) <= set(idx[1, 0].tolist())
+
+
+def test_streaming_short_padded_row_attends_like_full_attention():
+    "A budget covering a padded row's real tokens: its decode step is exact attention over them (sinks not counted twice)."
+    cfg = tiny_llama_config(num_hidden_layers=1)
+    B, S, H, Hkv, D = 2, 20, 4, 2, 16
+    rec = _random_records(cfg, B, S)[0]
+    valid = torch.ones(B, S, dtype=torch.bool); valid[1, :8] = False
+    rec = PrefillRecord(keys=rec.keys, values=rec.values, positions=rec.positions, valid=valid)
+    cache = StreamingLLM(budget=16).make_cache(model_config=cfg).load_prefill([rec])
+    g = torch.Generator().manual_seed(5)
+    q, k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    out = cache.step(0, q, k1, v1)
+    ref = attend(q[1:], torch.cat([rec.keys[1:, :, 8:], k1[1:]], 2), torch.cat([rec.values[1:, :, 8:], v1[1:]], 2), D ** -0.5)
+    torch.testing.assert_close(out[1:], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_quest_selects_the_page_with_the_largest_bound():
     cfg = tiny_llama_config(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, num_hidden_layers=1)
     S, D = 64, 16
@@ -257,6 +282,86 @@ def test_snapkv_keeps_its_window_and_what_the_window_attends_to():
     assert 11 in idx and idx[-8:] == list(range(56, 64)) and len(idx) == 16 and idx == sorted(idx)
     with pytest.raises(ValueError, match="last queries"):
         SnapKV(budget=16).score(PrefillRecord(keys=keys, values=keys, positions=torch.arange(S)[None]), 16)
+
+
+def _snapkv_by_hand(q, k, w, kernel, pooling):
+    "SnapKV's score by explicit loops: per query head, the window's attention to each earlier key (softmax over all keys, causal"
+    "in the window), pooled over +-kernel//2 neighbours (zero padding; avg divides by kernel), then averaged over the GQA group."
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G, r = H // Hkv, kernel // 2
+    out = torch.zeros(B, Hkv, S, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            votes = torch.zeros(S - w, dtype=torch.float64)
+            for i in range(w):
+                row = S - w + i                                           # the query's position: keys 0 .. row
+                s = torch.tensor([float(q[b, h, q.shape[2] - w + i].double() @ k[b, h // G, j].double()) / D ** 0.5 for j in range(row + 1)])
+                votes += s.softmax(0)[:S - w]
+            pad = torch.cat([torch.zeros(r, dtype=torch.float64), votes, torch.zeros(r, dtype=torch.float64)])
+            pooled = torch.stack([pad[j:j + kernel].mean() if pooling == "avg" else pad[j:j + kernel].max() for j in range(S - w)])
+            out[b, h // G, :S - w] += pooled / G
+    out[..., S - w:] = float("inf")
+    return out
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_snapkv_score_equals_a_hand_computation(pooling):
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, S, D, w = 2, 4, 2, 20, 8, 5
+    q, k = torch.randn(B, H, 7, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    rec = PrefillRecord(keys=k, values=k, positions=torch.arange(S).expand(B, S), queries=q)
+    got = SnapKV(budget=12, window=w, pool_kernel=3, pooling=pooling).score(rec, 12)    # window = min(5, 12 // 2)
+    torch.testing.assert_close(got.double(), _snapkv_by_hand(q, k, w, 3, pooling), rtol=1e-5, atol=1e-6)
+
+
+def test_snapkv_bad_knobs_and_a_budget_covering_the_prompt():
+    with pytest.raises(ValueError, match="pooling must be"): SnapKV(budget=8, pooling="median")
+    with pytest.raises(ValueError, match="pool_kernel must be odd"): SnapKV(budget=8, pool_kernel=4)
+    with pytest.raises(ValueError, match="window must be an int"): SnapKV(budget=8, window=0)
+    with pytest.raises(ValueError, match="window must be an int"): SnapKV(budget=8, window=True)
+    cfg = tiny_llama_config()
+    c = SnapKV(budget=1.0).make_cache(model_config=cfg).load_prefill(_random_records(cfg, 1, 20))   # nothing to rank: no queries needed
+    assert c.layers[0].buf.prefix == 20
+
+
+def _masked_reference_logits(model, records, kept, tokens):
+    "Logits [B, T, V] of `tokens` [B, T] after the prompt, by full attention over the exact prompt K/V (a DynamicCache) whose prompt"
+    "keys are masked to `kept[layer]` [B, Hkv, S]; RoPE positions come from the cache length, as transformers counts them."
+    from transformers import DynamicCache
+    from longctx_nb.models import attention_hook
+    S = records[0].keys.shape[2]
+    dc = DynamicCache()
+    for i, r in enumerate(records): dc.update(r.keys.clone(), r.values.clone(), i)
+    def masked(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        H, Hkv, L, K = query.shape[1], key.shape[1], query.shape[2], key.shape[2]
+        allow = torch.ones(query.shape[0], Hkv, L, K, dtype=torch.bool)
+        allow[..., :S] = kept[module.layer_idx][:, :, None]
+        allow[..., S:] = torch.ones(L, K - S, dtype=torch.bool).tril(K - S - L)
+        r = lambda t: t.repeat_interleave(H // Hkv, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, r(key), r(value), attn_mask=r(allow), scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    with torch.no_grad(), attention_hook(model, masked):
+        return torch.cat([model(input_ids=tokens[:, t:t + 1], past_key_values=dc).logits for t in range(tokens.shape[1])], 1)
+
+
+@pytest.mark.parametrize("method", [StreamingLLM(budget=24), SnapKV(budget=24, window=8), SnapKV(budget=0.25, pooling="max"), H2O(budget=24)],
+                         ids=lambda m: f"{m.label}-{getattr(m, 'pooling', '')}")
+def test_eviction_decode_equals_full_attention_masked_to_the_kept_tokens(tiny, method):
+    "The cache is right (positions of new tokens, RoPE of kept keys, GQA, reserve growth): decoding from the kept tokens equals"
+    "full attention restricted to them by an explicit mask, so an eviction's accuracy is the accuracy of its choice."
+    S, T = 96, 6
+    ids, new = _ids(S), _ids(T, seed=1)
+    with torch.no_grad():
+        _, recs = record_prefill(tiny, ids, window=None)
+    m = type(method)(**{**{f.name: getattr(method, f.name) for f in fields(method)}, "reserve_tokens": 2})   # grows on the way
+    n = m.budget_tokens(S)
+    kept = [torch.zeros(2, r.keys.shape[1], S, dtype=torch.bool).scatter_(2, m.keep(r, n), True) for r in recs]
+    with torch.no_grad(), m.make_cache(tiny, S) as c:
+        c.load_prefill(recs)
+        got = torch.cat([tiny(input_ids=new[:, t:t + 1], position_ids=torch.full((2, 1), S + t), past_key_values=c).logits for t in range(T)], 1)
+    assert all(int(k.sum(-1).min()) == n < S for k in kept)
+    torch.testing.assert_close(got, _masked_reference_logits(tiny, recs, kept, new), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- H2O
