@@ -209,7 +209,8 @@ TM_CPT = ["full attention, CPT", "tensorized dominance, CPT", "tensorized comple
 def tensorized_models_meta_and_quality_tables(d):
     meta = meta_of(d)
     assert meta["preset"]["name"] == "smoke" and meta["wall_s"] > 0 and meta["layout"]["grow"] == "outer" and meta["part"] == "all"
-    assert set(meta["backends"]) == {"dominance", "complete"} and meta["parts"] == {}
+    assert set(meta["backends"]) == {"dominance", "complete"} and meta["parts"] == {} and meta["backend"] == "auto"
+    assert set(meta["backends"].values()) == {"torch" if meta["cuda"] is None else "triton"}   # the default engine ran the tensorized models
     lengths = meta["preset"]["eval_lengths"]
     for name in ("perplexity", "longppl"):
         t = read(d, name).set_index("model")
