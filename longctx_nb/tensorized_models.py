@@ -122,7 +122,8 @@ def _triton_launch(q, k, a, c=None, *, scale: float, causal: bool, need_a: bool)
 def _hop_triton(q, k, v, scale: float, mode: str, c=None, need_a: bool = False):
     """The hop through 10's Triton kernels, split where the grid needs it. Dominance and 'none': the single-hop kernel. Complete:
     `tensorized_complete_hop` (both streams from one score tile); the innermost hop passes A = C = V (its C is then causal attention)."""
-    if mode == "complete" and c is None: v = c = repeat_kv(v, q.shape[1] // v.shape[1])
+    if mode == "complete" and c is None: v = c = repeat_kv(v, q.shape[1] // v.shape[1])     # A and C per query head; K stays GQA
+    elif mode != "complete" and k.shape[1] != v.shape[1]: k = repeat_kv(k, v.shape[1] // k.shape[1])   # the single-hop kernel: K like V
     f = partial(_triton_launch, scale=scale, causal=mode != "none", need_a=need_a)
     ts = (q, k, v) if c is None else (q, k, v, c); rows = max(1, _MAX_GRID_Y // q.shape[1])
     if q.shape[0] <= rows: return f(*ts)
@@ -159,7 +160,7 @@ def tensorized_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mode = causal_mode(causal)
     if mode == "none": raise ValueError("tensorized_rope_attention is causal: causal must be 'dominance' (True) or 'complete', got 'none'")
     hop = HOPS[rope_backend(backend, mode, q.device)]
-    B, H, L, D = q.shape; n_rep = H // k.shape[1]; shape = tuple(shape); m = len(shape)
+    B, H, L, D = q.shape; shape = tuple(shape); m = len(shape)
     if math.prod(shape) < L: raise ValueError(f"shape {shape} holds {math.prod(shape)} positions, fewer than the sequence length {L}")
     scale = D ** -0.5 if scale is None else float(scale)
     qf, kf = fold(q, shape), fold(k, shape); c = a = fold(v, shape); values = []
@@ -168,8 +169,7 @@ def tensorized_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if rope is not None:
             cos, sin = rope(shape[dim])
             qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
-        vh = _to_fibres(a, dim)
-        if vh.shape[1] != kh.shape[1]: kh = repeat_kv(kh, n_rep)          # after the first hop the values are per query head
+        vh = _to_fibres(a, dim)                                             # after the first hop the values are per query head
         need_a = mode == "complete" and j < m - 1
         out, agg = hop(qh, kh, vh, scale, mode, _to_fibres(c, dim) if mode == "complete" and j > 0 else None, need_a)
         c = _from_fibres(out, B, shape, dim); a = _from_fibres(agg, B, shape, dim) if need_a else c
