@@ -16,13 +16,13 @@ from torch import nn
 from fastcore.basics import patch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from .models import attention_modules, set_attention_hook
+from .models import attention_modules, set_attention_hook, attention_hook
 
 # %% auto #0
 __all__ = ['PrefillRecord', 'valid_from_mask', 'attend', 'host_empty', 'TokenBuffer', 'LayerState', 'HookedKVLayer',
            'HookedKVCache', 'PrefillRecorder', 'positions_from_mask', 'record_prefill', 'KVMethod', 'record_window',
            'BudgetedKV', 'KeptTokensLayer', 'FullKV', 'StreamingLLM', 'QuestLayer', 'QuestPages', 'ScoredEviction',
-           'SnapKV', 'H2O']
+           'SnapKV', 'H2O', 'kept_mask', 'masked_decode_logits']
 
 # %% ../nbs/03_kvcache.ipynb #7413b3e5
 _logger = logging.getLogger(__name__)
@@ -625,3 +625,43 @@ class H2O(ScoredEviction):
         n_recent = min(int(round(self.recent * n)), n)
         if n_recent: acc[..., S - n_recent:] = float("inf")
         return acc
+
+# %% ../nbs/03_kvcache.ipynb #b27efc47
+def kept_mask(method: BudgetedKV, rec: PrefillRecord) -> torch.Tensor:
+    "Prompt positions [B, Hkv, S] (bool) an eviction's `keep` holds after compressing `rec`, at its budget for this prefill."
+    if not hasattr(method, "keep"): raise TypeError(f"{type(method).__name__} keeps no fixed set of prompt tokens (it has no keep(rec, n))")
+    B, Hkv, S = rec.keys.shape[:3]
+    idx = method.keep(rec, min(S, method.budget_tokens(S)))
+    return torch.zeros(B, Hkv, S, dtype=torch.bool, device=rec.keys.device).scatter_(2, idx, True)
+
+@torch.no_grad()
+def masked_decode_logits(model: nn.Module, records, kept, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] of `tokens` [B, T] fed one by one after the prompt, by *full* attention over the exact prompt K/V of
+    `records` (a plain transformers `DynamicCache`) under an explicit mask: layer i's kv head h sees the prompt positions
+    `kept[i][:, h]` [B, S] (and every fed token). The reference an eviction's decode must equal (same positions, same kept tokens)."""
+    from transformers import DynamicCache
+    S = records[0].keys.shape[2]
+    if len(kept) != len(records): raise ValueError(f"{len(kept)} kept masks for {len(records)} layers")
+    if tokens.ndim != 2: raise ValueError(f"tokens must be [batch, steps], got shape {tuple(tokens.shape)}")
+    cache, allow_prompt = DynamicCache(), []
+    for i, (r, k) in enumerate(zip(records, kept)):
+        if k.shape != r.keys.shape[:3]: raise ValueError(f"kept[{i}] is {tuple(k.shape)}, expected {tuple(r.keys.shape[:3])}")
+        cache.update(r.keys.clone(), r.values.clone(), i)
+        allow_prompt.append(k if r.valid is None else k & r.valid[:, None])
+    def masked(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        B, H, L, _ = query.shape
+        Hkv, K = key.shape[1], key.shape[2]
+        allow = torch.cat([allow_prompt[module.layer_idx][:, :, None].expand(B, Hkv, L, S),
+                           torch.ones(L, K - S, dtype=torch.bool, device=key.device).tril(K - S - L).expand(B, Hkv, L, K - S)], -1)
+        return _attend_masked(query, key, value, scaling, allow), None
+    pos = records[0].positions[:, -1:] + 1                          # the prompt's RoPE positions continue
+    with attention_hook(model, masked):
+        return torch.cat([model(input_ids=tokens[:, t:t + 1], position_ids=pos + t, past_key_values=cache, use_cache=True).logits.float()
+                          for t in range(tokens.shape[1])], 1)
+
+def _attend_masked(query, keys, values, scaling, allow) -> torch.Tensor:
+    "SDPA of query [B, H, L, D] over keys/values [B, Hkv, N, D] where `allow` [B, Hkv, L, N] is True: [B, L, H, D]."
+    G = query.shape[1] // keys.shape[1]
+    r = lambda t: t.repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(query, r(keys), r(values), attn_mask=r(allow), scale=scaling).transpose(1, 2).contiguous()
+

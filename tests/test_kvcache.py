@@ -9,7 +9,7 @@ from helpers import tiny_llama_config, assert_dropped_caches_are_freed
 from longctx_nb.kvcache import (
     LayerState, PrefillRecord, TokenBuffer, attend, valid_from_mask, positions_from_mask, host_empty, HookedKVLayer, HookedKVCache,
     PrefillRecorder, record_prefill, record_window, KVMethod, BudgetedKV, KeptTokensLayer, ScoredEviction, FullKV, StreamingLLM,
-    QuestPages, QuestLayer, SnapKV, H2O)
+    QuestPages, QuestLayer, SnapKV, H2O, kept_mask, masked_decode_logits)
 
 METHODS = [StreamingLLM, QuestPages, SnapKV, H2O]
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -325,24 +325,20 @@ def test_snapkv_bad_knobs_and_a_budget_covering_the_prompt():
     assert c.layers[0].buf.prefix == 20
 
 
-def _masked_reference_logits(model, records, kept, tokens):
-    "Logits [B, T, V] of `tokens` [B, T] after the prompt, by full attention over the exact prompt K/V (a DynamicCache) whose prompt"
-    "keys are masked to `kept[layer]` [B, Hkv, S]; RoPE positions come from the cache length, as transformers counts them."
-    from transformers import DynamicCache
-    from longctx_nb.models import attention_hook
-    S = records[0].keys.shape[2]
-    dc = DynamicCache()
-    for i, r in enumerate(records): dc.update(r.keys.clone(), r.values.clone(), i)
-    def masked(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        H, Hkv, L, K = query.shape[1], key.shape[1], query.shape[2], key.shape[2]
-        allow = torch.ones(query.shape[0], Hkv, L, K, dtype=torch.bool)
-        allow[..., :S] = kept[module.layer_idx][:, :, None]
-        allow[..., S:] = torch.ones(L, K - S, dtype=torch.bool).tril(K - S - L)
-        r = lambda t: t.repeat_interleave(H // Hkv, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, r(key), r(value), attn_mask=r(allow), scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    with torch.no_grad(), attention_hook(model, masked):
-        return torch.cat([model(input_ids=tokens[:, t:t + 1], past_key_values=dc).logits for t in range(tokens.shape[1])], 1)
+def test_masked_decode_logits_with_every_token_kept_is_the_plain_model(tiny):
+    "The reference itself: full attention masked to every prompt token is the model's own forward over prompt + fed tokens."
+    S, T = 40, 5
+    ids, new = _ids(S), _ids(T, seed=1)
+    with torch.no_grad():
+        _, recs = record_prefill(tiny, ids)
+        plain = tiny(torch.cat([ids, new], 1)).logits[:, S:]
+    every = [torch.ones(r.keys.shape[:3], dtype=torch.bool) for r in recs]
+    torch.testing.assert_close(masked_decode_logits(tiny, recs, every, new), plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kept masks for"): masked_decode_logits(tiny, recs, every[:1], new)
+    with pytest.raises(ValueError, match=r"kept\[0\] is"): masked_decode_logits(tiny, recs, [e[:, :, 1:] for e in every], new)
+    with pytest.raises(ValueError, match="tokens must be"): masked_decode_logits(tiny, recs, every, new[0])
+    with pytest.raises(TypeError, match="no keep"): kept_mask(QuestPages(budget=16), recs[0])
+    assert kept_mask(SnapKV(budget=1.0), recs[0]).all() and kept_mask(StreamingLLM(budget=8), recs[0]).sum(-1).eq(8).all()
 
 
 @pytest.mark.parametrize("method", [StreamingLLM(budget=24), SnapKV(budget=24, window=8), SnapKV(budget=0.25, pooling="max"), H2O(budget=24)],
@@ -356,12 +352,12 @@ def test_eviction_decode_equals_full_attention_masked_to_the_kept_tokens(tiny, m
         _, recs = record_prefill(tiny, ids, window=None)
     m = type(method)(**{**{f.name: getattr(method, f.name) for f in fields(method)}, "reserve_tokens": 2})   # grows on the way
     n = m.budget_tokens(S)
-    kept = [torch.zeros(2, r.keys.shape[1], S, dtype=torch.bool).scatter_(2, m.keep(r, n), True) for r in recs]
+    kept = [kept_mask(m, r) for r in recs]
     with torch.no_grad(), m.make_cache(tiny, S) as c:
         c.load_prefill(recs)
         got = torch.cat([tiny(input_ids=new[:, t:t + 1], position_ids=torch.full((2, 1), S + t), past_key_values=c).logits for t in range(T)], 1)
     assert all(int(k.sum(-1).min()) == n < S for k in kept)
-    torch.testing.assert_close(got, _masked_reference_logits(tiny, recs, kept, new), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, masked_decode_logits(tiny, recs, kept, new), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- H2O
