@@ -22,7 +22,7 @@ from .models import attention_modules, set_attention_hook, attention_hook
 __all__ = ['PrefillRecord', 'valid_from_mask', 'attend', 'host_empty', 'TokenBuffer', 'LayerState', 'HookedKVLayer',
            'HookedKVCache', 'PrefillRecorder', 'positions_from_mask', 'record_prefill', 'KVMethod', 'record_window',
            'BudgetedKV', 'KeptTokensLayer', 'FullKV', 'StreamingLLM', 'QuestLayer', 'QuestPages', 'ScoredEviction',
-           'SnapKV', 'H2O', 'kept_mask', 'masked_decode_logits']
+           'SnapKV', 'H2O', 'eviction_mask', 'masked_decode_logits']
 
 # %% ../nbs/03_kvcache.ipynb #7413b3e5
 _logger = logging.getLogger(__name__)
@@ -627,7 +627,7 @@ class H2O(ScoredEviction):
         return acc
 
 # %% ../nbs/03_kvcache.ipynb #b27efc47
-def kept_mask(method: BudgetedKV, rec: PrefillRecord) -> torch.Tensor:
+def eviction_mask(method: BudgetedKV, rec: PrefillRecord) -> torch.Tensor:
     "Prompt positions [B, Hkv, S] (bool) an eviction's `keep` holds after compressing `rec`, at its budget for this prefill."
     if not hasattr(method, "keep"): raise TypeError(f"{type(method).__name__} keeps no fixed set of prompt tokens (it has no keep(rec, n))")
     B, Hkv, S = rec.keys.shape[:3]

@@ -19,7 +19,7 @@ from .data import load_corpus, tokenize_docs, token_windows, packed_batches
 from .data import sha256_file
 from .models import (attention_modules, attention_hook, token_nll, set_rope_scaling, causal_lm_loss, train_lm,
                                SUPPORTED_ATTENTION)
-from .kvcache import (KVMethod, FullKV, StreamingLLM, QuestPages, SnapKV, H2O, KeptTokensLayer, QuestLayer, LayerState,
+from .kvcache import (KVMethod, eviction_mask, FullKV, StreamingLLM, QuestPages, SnapKV, H2O, KeptTokensLayer, QuestLayer, LayerState,
                                 record_prefill, record_window)
 from .shadowkv import ShadowKV, ShadowKVLayer
 from .evals import (TaskSample, DecodedBatch, evaluate, greedy_generate, stop_token_ids, score, pearson, spearman,
@@ -295,10 +295,9 @@ def kept_positions(layer, rec, query: torch.Tensor, scaling: float) -> torch.Ten
 
 @kept_positions.register
 def _(layer: KeptTokensLayer, rec, query, scaling):
-    m, (B, Hkv, S, _) = layer.owner.method, rec.keys.shape
-    keep = torch.zeros(B, Hkv, S, dtype=torch.bool, device=rec.keys.device)
-    if not hasattr(m, "keep"): return ~keep                                      # full attention keeps every token
-    return keep.scatter_(-1, m.keep(rec, min(S, m.budget_tokens(S))), True)
+    m = layer.owner.method
+    if not hasattr(m, "keep"): return torch.ones(rec.keys.shape[:3], dtype=torch.bool, device=rec.keys.device)   # full attention keeps every token
+    return eviction_mask(m, rec)
 
 @kept_positions.register
 def _(layer: QuestLayer, rec, query, scaling):

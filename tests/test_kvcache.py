@@ -9,7 +9,7 @@ from helpers import tiny_llama_config, assert_dropped_caches_are_freed
 from longctx_nb.kvcache import (
     LayerState, PrefillRecord, TokenBuffer, attend, valid_from_mask, positions_from_mask, host_empty, HookedKVLayer, HookedKVCache,
     PrefillRecorder, record_prefill, record_window, KVMethod, BudgetedKV, KeptTokensLayer, ScoredEviction, FullKV, StreamingLLM,
-    QuestPages, QuestLayer, SnapKV, H2O, kept_mask, masked_decode_logits)
+    QuestPages, QuestLayer, SnapKV, H2O, eviction_mask, masked_decode_logits)
 
 METHODS = [StreamingLLM, QuestPages, SnapKV, H2O]
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -337,8 +337,8 @@ def test_masked_decode_logits_with_every_token_kept_is_the_plain_model(tiny):
     with pytest.raises(ValueError, match="kept masks for"): masked_decode_logits(tiny, recs, every[:1], new)
     with pytest.raises(ValueError, match=r"kept\[0\] is"): masked_decode_logits(tiny, recs, [e[:, :, 1:] for e in every], new)
     with pytest.raises(ValueError, match="tokens must be"): masked_decode_logits(tiny, recs, every, new[0])
-    with pytest.raises(TypeError, match="no keep"): kept_mask(QuestPages(budget=16), recs[0])
-    assert kept_mask(SnapKV(budget=1.0), recs[0]).all() and kept_mask(StreamingLLM(budget=8), recs[0]).sum(-1).eq(8).all()
+    with pytest.raises(TypeError, match="no keep"): eviction_mask(QuestPages(budget=16), recs[0])
+    assert eviction_mask(SnapKV(budget=1.0), recs[0]).all() and eviction_mask(StreamingLLM(budget=8), recs[0]).sum(-1).eq(8).all()
 
 
 @pytest.mark.parametrize("method", [StreamingLLM(budget=24), SnapKV(budget=24, window=8), SnapKV(budget=0.25, pooling="max"), H2O(budget=24)],
@@ -352,7 +352,7 @@ def test_eviction_decode_equals_full_attention_masked_to_the_kept_tokens(tiny, m
         _, recs = record_prefill(tiny, ids, window=None)
     m = type(method)(**{**{f.name: getattr(method, f.name) for f in fields(method)}, "reserve_tokens": 2})   # grows on the way
     n = m.budget_tokens(S)
-    kept = [kept_mask(m, r) for r in recs]
+    kept = [eviction_mask(m, r) for r in recs]
     with torch.no_grad(), m.make_cache(tiny, S) as c:
         c.load_prefill(recs)
         got = torch.cat([tiny(input_ids=new[:, t:t + 1], position_ids=torch.full((2, 1), S + t), past_key_values=c).logits for t in range(T)], 1)
