@@ -171,9 +171,12 @@ class RulerTasks:
         "`n` samples of each task at each length, ordered by length, then index, then task."
         return [self.sample(t, L, i) for L in lengths for i in range(n) for t in tasks]
 
-    def _room(self, length, pre, post, task):
+    def _room(self, length, pre, post, task, pieces=()):
+        "Context tokens between `pre` and `post`; an error unless they hold 64 tokens and every inserted piece (needles, assignments)."
         n = length - len(pre) - len(post)
         if n < 64: raise ValueError(f"length {length} leaves {n} context tokens for {task}: use a longer length")
+        used = sum(map(len, pieces))       # without this check a short length got an empty haystack and a prompt longer than asked
+        if used > n: raise ValueError(f"length {length} leaves {n} context tokens for {task}, but its inserted pieces take {used}: use a longer length")
         return n
 
 # %% ../nbs/04_evals.ipynb #d9a595c2
@@ -191,7 +194,7 @@ def _niah(self: RulerTasks, rng, length, task, n_keys, n_values, n_asked):
     pre, post = self._wrap("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
                            "I will quiz you about the numbers afterwards.", q,
                            f"The special magic number{'s' if plural else ''} for {what} mentioned in the provided text {'are' if plural else 'is'}")
-    n = self._room(length, pre, post, task)
+    n = self._room(length, pre, post, task, pieces)
     body = self._insert(rng, self._haystack(rng, n - sum(map(len, pieces))), pieces)
     answers = [v for k, vs in zip(keys, vals) if k in asked for v in vs]
     return TaskSample(task, pre + body + post, answers, 10 * len(answers) + 4)
@@ -218,7 +221,7 @@ def _vt(self: RulerTasks, rng, length):
                            f"Question: Find all variables that are assigned the value {value} in the text above.",
                            f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables are "
                            f"assigned the value {value}, they are:")
-    n = self._room(length, pre, post, "vt")
+    n = self._room(length, pre, post, "vt", pieces)
     body = self._insert(rng, self._haystack(rng, n - sum(map(len, pieces))), pieces, np.sort(rng.uniform(0.05, 0.95, len(pieces))))
     return TaskSample("vt", pre + body + post, names, 6 * len(names) + 4)
 

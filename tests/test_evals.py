@@ -276,3 +276,11 @@ def test_evaluate_on_batch_adds_columns_from_the_same_prefill(tok, tiny_llama):
     assert df[plain.columns.drop("decode_s")].equals(plain[plain.columns.drop("decode_s")])
     assert len(seen) == 4 and seen[0][1] == seen[1][1] != seen[2][1]              # two methods per batch share its records
     with pytest.raises(ValueError, match="on_batch returned 0 rows"): evaluate([kv.FullKV()], samples, tiny_llama, tok, on_batch=lambda d: [])
+
+
+def test_a_length_too_short_for_the_needles_is_refused(ruler):
+    "A length whose context cannot hold the inserted needles is an error, never a prompt longer than asked (it was 177 tokens at 160)."
+    with pytest.raises(ValueError, match="inserted pieces take"): ruler.sample("niah_multikey", 160)
+    with pytest.raises(ValueError, match="inserted pieces take"): ruler.sample("niah_multiquery", 192)
+    for task in ("niah_single", "niah_multikey", "vt"):
+        assert len(ruler.sample(task, 192).input_ids) == 192
