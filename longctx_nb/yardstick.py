@@ -548,10 +548,11 @@ def load_parts(root) -> dict:
     import pandas as pd
     out = {}
     for d in sorted(p for p in Path(root).glob("*") if (p / "meta.json").exists()):
-        def read(n):   # a part that scores no samples (a text-only part) wrote an empty, column-less table
+        def read(n):
             f = next((f for f in (d / f"{n}.csv.gz", d / f"{n}.csv") if f.exists()), None)
-            if f is None or not (gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()).strip(): return pd.DataFrame()
-            return pd.read_csv(f, keep_default_na=False, na_values=["", "nan", "NaN"])
+            if f is None: return pd.DataFrame()
+            try: return pd.read_csv(f, keep_default_na=False, na_values=["", "nan", "NaN"])
+            except pd.errors.EmptyDataError: return pd.DataFrame()      # a text-only part scores no samples: a column-less table
         out[d.name] = dict(scores=read("scores"), texts=read("texts"), variants=read("variants"), meta=json.loads((d / "meta.json").read_text()))
     return out
 
