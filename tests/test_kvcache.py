@@ -9,7 +9,7 @@ from helpers import tiny_llama_config, assert_dropped_caches_are_freed
 from longctx_nb.kvcache import (
     LayerState, PrefillRecord, TokenBuffer, attend, valid_from_mask, positions_from_mask, host_empty, HookedKVLayer, HookedKVCache,
     PrefillRecorder, record_prefill, record_window, KVMethod, BudgetedKV, KeptTokensLayer, ScoredEviction, FullKV, StreamingLLM,
-    QuestPages, QuestLayer, SnapKV, H2O, eviction_mask, masked_decode_logits)
+    QuestPages, QuestLayer, SnapKV, H2O, accumulated_attention, eviction_mask, masked_decode_logits)
 
 METHODS = [StreamingLLM, QuestPages, SnapKV, H2O]
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -383,9 +383,22 @@ def test_h2o_ranking_equals_a_hand_computation():
     rec = PrefillRecord(keys=k, values=torch.randn(B, Hkv, S, D, generator=g), positions=torch.arange(S).expand(B, S), queries=q)
     acc, kept = _h2o_by_hand(q, k, recent_n=3, n=6)
     m = H2O(budget=6)                                                  # recent = round(0.5 * 6) = 3
-    score = H2O(budget=6, recent=0.0).score(rec, 6, block=5)          # odd block: the blocked loop must not matter
-    torch.testing.assert_close(score.double(), acc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(accumulated_attention(rec, block=5).double(), acc, rtol=1e-5, atol=1e-6)   # odd block: the loop must not matter
     assert [r for row in m.keep(rec, 6).tolist() for r in row] == kept
+
+
+def test_h2o_accumulates_once_per_record_and_each_budget_sets_its_own_recent_window():
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, S, D = 1, 4, 2, 16, 8
+    q, k = torch.randn(B, H, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    rec = PrefillRecord(keys=k, values=k, positions=torch.arange(S)[None], queries=q)
+    acc, _ = _h2o_by_hand(q, k, recent_n=0, n=4)
+    wide = H2O(budget=12, recent=0.5).score(rec, 12)                  # the last 6 tokens at +inf
+    assert torch.isinf(wide[..., -6:]).all() and torch.isfinite(wide[..., :-6]).all()
+    memo = rec.memo["accumulated_attention"]
+    narrow = H2O(budget=4, recent=0.0).score(rec, 4)                  # a later budget on the same record: no +inf left from the first
+    torch.testing.assert_close(narrow.double(), acc, rtol=1e-5, atol=1e-6)
+    assert accumulated_attention(rec) is memo and torch.isfinite(memo).all()
 
 
 def test_h2o_keeps_the_budget_the_recent_window_and_the_heavy_hitter(tiny):
