@@ -543,11 +543,14 @@ def part_files(tables: Mapping[str, "pd.DataFrame"]) -> dict:
     "A part's tables as gzipped CSV files (machine input to the merge, ~10x smaller than CSV; mtime 0, so a rerun with equal rows is byte-equal)."
     return {f"{k}.csv.gz": gzip.compress(df.to_csv(index=False).encode(), mtime=0) for k, df in tables.items()}
 
-def load_parts(root) -> dict:
-    "Every part written under `root`: {part name: {'scores', 'texts', 'variants' (DataFrames), 'meta' (dict)}}."
+def load_parts(root, names: Sequence[str] | None = None, require: bool = False) -> dict:
+    """Every part written under `root` (only those in `names` when given): {part name: {'scores', 'texts', 'variants' (DataFrames),
+    'meta' (dict)}}. With `require`, finding none is an error (a merge that would write empty tables)."""
     import pandas as pd
     out = {}
-    for d in sorted(p for p in Path(root).glob("*") if (p / "meta.json").exists()):
+    dirs = sorted(p for p in Path(root).glob("*") if (p / "meta.json").exists() and (names is None or p.name in names))
+    if require and not dirs: raise FileNotFoundError(f"no parts{'' if names is None else ' of ' + ', '.join(names)} under {root}: run the parts with the same out_dir first")
+    for d in dirs:
         def read(n):
             f = next((f for f in (d / f"{n}.csv.gz", d / f"{n}.csv") if f.exists()), None)
             if f is None: return pd.DataFrame()

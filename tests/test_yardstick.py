@@ -256,6 +256,10 @@ def test_merge_of_parts(tmp_path):
     rows("models", ["PI x2"], (2048, 4096), True)
     found = load_parts(tmp_path)
     assert sorted(found) == ["kv-2k", "models"] and found["kv-2k"]["meta"]["part"] == "kv-2k"
+    assert sorted(load_parts(tmp_path, names=["models", "kv-8k-a"])) == ["models"]
+    with pytest.raises(FileNotFoundError, match="no parts of kv-8k-a under"): load_parts(tmp_path, names=["kv-8k-a"], require=True)
+    with pytest.raises(FileNotFoundError, match="no parts under"): load_parts(tmp_path / "elsewhere", require=True)
+    assert load_parts(tmp_path / "elsewhere") == {}
     m = merge_parts(found, exp)
     s = m["scores"]
     assert len(s) == len(exp["scores"]) and (s[s.length == 4096].query("family == 'kv'").status == "not run: part kv-4k").all()
