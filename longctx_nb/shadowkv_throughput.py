@@ -8,16 +8,19 @@ import gc, math, time, itertools, warnings
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from fastcore.basics import patch
 from .core import *
-from .kvcache import FullKV, PrefillRecord, host_empty
-from .models import rope_tables, rotate_half
-from .shadowkv import ShadowKV, ShadowKVCache, ShadowKVConfig, shadowkv_layout
+from .kvcache import FullKV, PrefillRecord, LayerState, host_empty
+from .models import attention_hook, rope_tables, rotate_half
+from .shadowkv import (ShadowKV, ShadowKVCache, ShadowKVConfig, ShadowKVLayer, shadowkv_layout, assign_slots,
+                                 gather_chunks, gather_chunks_ref)
 
 # %% auto #0
 __all__ = ['LLAMA3_8B', 'llama_config', 'random_llama', 'hbm_bandwidth', 'h2d_bandwidth', 'uva_gather_bandwidth', 'footprint',
-           'host_available_bytes', 'batch_caps', 'synthetic_prefill', 'constructed_cache', 'decode_speed',
-           'predicted_step_ms', 'equivalent_bandwidth']
+           'host_available_bytes', 'batch_caps', 'require_batch_fits', 'synthetic_prefill', 'constructed_cache',
+           'decode_speed', 'StaticDecoder', 'fast_generate', 'predicted_step_ms', 'equivalent_bandwidth']
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #5a64268d
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -102,6 +105,20 @@ def batch_caps(per_seq: dict, gpu_free: float, host_free: float, workspace_per_s
     host = int(host_free // per_seq["host"]) if per_seq["host"] else max_batch
     return dict(gpu_cap=min(gpu, max_batch), host_cap=min(host, max_batch), cap=max(0, min(gpu, host, max_batch)))
 
+# %% ../nbs/51_shadowkv_throughput.ipynb #32355ff1
+def require_batch_fits(batch: int, per_seq: dict, gpu_free: float, host_free: float, workspace_per_seq: float = 0.0) -> dict:
+    "The caps of `batch_caps`, or a ValueError naming the cap `batch` passes and the bytes per sequence behind it."
+    caps = batch_caps(per_seq, gpu_free, host_free, workspace_per_seq)
+    gpu_seq = per_seq["gpu"] + workspace_per_seq
+    if batch > caps["gpu_cap"]:
+        raise ValueError(f"batch {batch} exceeds the GPU cap of {caps['gpu_cap']}: {gpu_seq / 2**20:,.1f} MiB per sequence "
+                         f"({per_seq['gpu'] / 2**20:,.1f} cache + {workspace_per_seq / 2**20:,.1f} workspace) against {gpu_free / 2**30:,.2f} GiB free")
+    if batch > caps["host_cap"]:
+        raise ValueError(f"batch {batch} exceeds the host cap of {caps['host_cap']}: {per_seq['host'] / 2**20:,.1f} MiB of values per "
+                         f"sequence against {host_free / 2**30:,.2f} GiB of host memory")
+    return caps
+
+
 # %% ../nbs/51_shadowkv_throughput.ipynb #c5b3c0b2
 @torch.no_grad()
 def synthetic_prefill(model: nn.Module, context: int, rank: int, noise: float = 0.05, seed: int = 0) -> PrefillRecord:
@@ -162,6 +179,174 @@ def decode_speed(model: nn.Module, cache, batch: int, context: int, n_tokens: in
     elapsed = time.perf_counter() - start
     return dict(tok_s=batch * n_tokens / elapsed, ms_per_step=1000 * elapsed / n_tokens,
                 peak_gpu_GB=torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else float("nan"))
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #64a9ef17
+def _static_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, n_valid: torch.Tensor) -> torch.Tensor:
+    """One decode query [B, H, 1, D] over buffers [B, Hkv, N, D] of which the first `n_valid` rows (a device scalar) are written.
+    The G = H/Hkv query heads of a kv head become G query rows of that head (GQA at L = 1 needs no causal mask), so keys are read
+    once per kv head and the mask [1, 1, 1, N] is a broadcast, whatever the backend. Returns [B, 1, H, D]."""
+    B, H, L, D = query.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    if L != 1: raise ValueError(f"a static decode step takes one token per row, got {L}")
+    mask = (torch.arange(N, device=keys.device) < n_valid)[None, None, None]
+    out = F.scaled_dot_product_attention(query.reshape(B, Hkv, H // Hkv, D), keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(B, 1, H, D)
+
+def _static_sparse_fill(layer: ShadowKVLayer, query: torch.Tensor, scaling: float, misses: torch.Tensor):
+    """ShadowKV's per-step work before attention, with no host sync: select chunks, keep the hits in their slots, rebuild the missing
+    chunks' keys (main stream) and gather their values (side stream, forked and joined on the device), and add the misses to `misses`."""
+    o, C, k = layer.owner, layer.layout.chunk_size, layer.layout.selected_chunks
+    s0, s1 = layer.sel_start, layer.sel_start + k * C
+    miss_ids, miss_slots, n_miss, slots = assign_slots(layer.slot_ids, layer.select(query, scaling))
+    layer.slot_ids.copy_(slots)
+    sel_k, sel_v = layer.buf.k[:, :, s0:s1], layer.buf.v[:, :, s0:s1]
+    if query.is_cuda:
+        main, side = torch.cuda.current_stream(), o.side_stream(query.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side): gather_chunks(layer.v_host, layer.v_scale, miss_ids, miss_slots, n_miss, sel_v, C)
+        o.rebuild_keys(layer.U, layer.SV, layer.positions, miss_ids, C, miss_slots, n_miss, sel_k)
+        main.wait_stream(side)
+    else:
+        gather_chunks_ref(layer.v_host, layer.v_scale, miss_ids, miss_slots, n_miss, sel_v, C)
+        o.rebuild_keys(layer.U, layer.SV, layer.positions, miss_ids, C, miss_slots, n_miss, sel_k)
+    misses.add_(n_miss.sum())
+
+def _check_static_layer(layer, batch: int, cuda: bool):
+    name = type(layer.owner).__name__
+    if layer.state is not LayerState.COMPRESSED or layer.buf is None:
+        raise ValueError(f"layer {layer.layer_idx} of the {name} is {layer.state.name}: a static decode needs every layer filled by a "
+                         f"prefill and held in a token buffer (a prefill shorter than min_prefill keeps a growing exact cache)")
+    if layer.buf.valid is not None:
+        raise ValueError(f"layer {layer.layer_idx} holds left padding: the static decode takes prompts of one length (no attention mask)")
+    if layer.buf.k.shape[0] != batch: raise ValueError(f"layer {layer.layer_idx} holds batch {layer.buf.k.shape[0]}, the decoder {batch}")
+    if isinstance(layer, ShadowKVLayer) and cuda:
+        st = layer.owner.settings
+        if st.kernel == "torch": raise ValueError("kernel='torch' rebuilds keys through nonzero() (a host sync): the static decode needs the Triton kernel")
+        if not (layer.v_host.is_cuda or layer.owner.use_uva(layer.v_host)):
+            raise ValueError("value_fetch='staged' copies each step's selection to the host (a sync): the static decode needs values on the "
+                             "GPU or in page-locked host memory read by the zero-copy kernel (value_fetch='uva' or 'auto')")
+
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #8455a082
+class StaticDecoder:
+    """Greedy decode steps of fixed shape over a filled cache (full attention's `KeptTokensLayer`s or ShadowKV's layers): every
+    buffer sized for `max_new_tokens` more tokens up front, the step index, positions, write rows, valid lengths and the miss
+    counter device tensors, the argmax inside the step. With `graphs=True` (CUDA) one step is captured as a CUDA graph after a
+    warm-up (which compiles the Triton kernels) and replayed; without, the same step runs eagerly (the CPU path, and the reference
+    the graph is checked against). Drives the model's own decoder layers (a Llama-style `model.model`), with this object as their
+    `past_key_values` and its attention installed as their hook."""
+    def __init__(self, model: nn.Module, cache, batch: int, max_new_tokens: int, graphs: bool = False, warmup: int = 2):
+        dev = next(model.parameters()).device
+        if graphs and dev.type != "cuda": raise ValueError(f"CUDA graph capture needs the model on a CUDA device; it is on {dev}")
+        if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not hasattr(getattr(model, "model", None), "rotary_emb"): raise TypeError(f"{type(model).__name__} is not a Llama-style model (model.model.rotary_emb)")
+        self.model, self.cache, self.batch, self.max_new_tokens, self.device = model, cache, batch, max_new_tokens, dev
+        for layer in cache.layers: _check_static_layer(layer, batch, dev.type == "cuda")
+        for layer in cache.layers: layer.buf._grow(layer.buf.len + max_new_tokens)      # no reallocation after this (nor after capture)
+        self.base = [layer.buf.len for layer in cache.layers]                            # the row step 0 writes, per layer
+        self.pos0, self.steps_taken = cache.layers[0].seq_len, 0
+        self.step_idx = torch.zeros((), dtype=torch.long, device=dev)
+        self.misses = torch.zeros((), dtype=torch.long, device=dev)                      # ShadowKV chunk misses since the last reset
+        self.lookups_per_step = sum(batch * l.slot_ids.shape[1] * l.slot_ids.shape[2] for l in cache.layers if isinstance(l, ShadowKVLayer))
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.next_tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.graph = self._capture(warmup) if graphs else None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        "The decoder layers' cache call: write this step's key/value at row base + step (a device index) of the layer's buffer."
+        buf, row = self.cache.layers[layer_idx].buf, (self.base[layer_idx] + self.step_idx).view(1)
+        buf.k.index_copy_(2, row, key_states); buf.v.index_copy_(2, row, value_states)
+        return key_states, value_states
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        i = module.layer_idx
+        layer, scaling = self.cache.layers[i], scaling if scaling is not None else module.scaling
+        if isinstance(layer, ShadowKVLayer): _static_sparse_fill(layer, query, scaling, self.misses)
+        return _static_attend(query, layer.buf.k, layer.buf.v, scaling, self.base[i] + self.step_idx + 1), None
+
+    @torch.no_grad()
+    def _step(self):
+        "One decode step: `self.tokens` [B, 1] in, greedy `self.next_tokens` out, the step index advanced (all on the device)."
+        m = self.model.model
+        h = m.embed_tokens(self.tokens)
+        pos = (self.pos0 + self.step_idx).expand(self.batch, 1)
+        pe = m.rotary_emb(h, pos)
+        with attention_hook(self.model, self._attention):
+            for layer in m.layers[: self.model.config.num_hidden_layers]:
+                h = layer(h, attention_mask=None, position_ids=pos, past_key_values=self, use_cache=True, position_embeddings=pe)
+        self.next_tokens.copy_(self.model.lm_head(m.norm(h)).argmax(-1))
+        self.step_idx.add_(1)
+
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #b21e93be
+@patch
+def reset(self: StaticDecoder):
+    """Back to the state right after the prefill: step 0, no misses counted, every ShadowKV slot empty (so the next step refetches
+    all its chunks, as the first eager step after a prefill does; warm-up steps leave slots whose contents are not the prefill's)."""
+    self.step_idx.zero_(); self.misses.zero_(); self.steps_taken = 0
+    for layer in self.cache.layers:
+        if isinstance(layer, ShadowKVLayer): layer.slot_ids.fill_(-1)
+
+@patch
+def _capture(self: StaticDecoder, warmup: int) -> "torch.cuda.CUDAGraph":
+    "Warm up on a side stream (Triton compiles, cuBLAS picks its kernels, the allocator settles), then capture one step."
+    side = torch.cuda.Stream(self.device)
+    side.wait_stream(torch.cuda.current_stream(self.device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)): self._step()
+    torch.cuda.current_stream(self.device).wait_stream(side)
+    self.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph): self._step()
+    self.reset()                                       # capture records work without running it; state is as reset
+    return graph
+
+@patch
+def step(self: StaticDecoder, tokens: torch.Tensor) -> torch.Tensor:
+    "Feed `tokens` [B, 1] (on the model's device), return the greedy next tokens [B, 1] (a view of the decoder's output buffer)."
+    if tokens.shape != (self.batch, 1):
+        raise ValueError(f"this decoder was built{' and its graph captured' if self.graph else ''} for batch {self.batch} and one token per "
+                         f"row ([{self.batch}, 1]); got {tuple(tokens.shape)}: build a new one for another batch")
+    if self.steps_taken >= self.max_new_tokens: raise ValueError(f"the buffers hold {self.max_new_tokens} decoded tokens; all are used")
+    self.tokens.copy_(tokens)
+    self.graph.replay() if self.graph is not None else self._step()
+    self.steps_taken += 1
+    return self.next_tokens
+
+@patch
+def finish(self: StaticDecoder):
+    "Hand the cache back to eager decoding: its host-side lengths advance by the steps taken (the rows are already written)."
+    for layer in self.cache.layers: layer.buf.len += self.steps_taken; layer.seq_len += self.steps_taken
+    self.steps_taken = self.max_new_tokens          # no more steps through this decoder
+
+@patch
+def stats(self: StaticDecoder) -> dict:
+    "ShadowKV's chunk-slot hit rate over the steps since the last reset (one host sync, here)."
+    lookups = self.lookups_per_step * self.steps_taken
+    return dict(steps=self.steps_taken, chunk_lookups=lookups,
+                hit_rate=1 - int(self.misses) / lookups if lookups else float("nan"))
+
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #791ad931
+@torch.no_grad()
+def fast_generate(model: nn.Module, input_ids: torch.Tensor, cache, max_new_tokens: int, graphs: bool | None = None) -> torch.Tensor:
+    """Greedy continuation [B, max_new_tokens] of the prompts `input_ids` [B, S] (one length, no padding) through `cache` (attached to
+    `model`, empty): all but the last prompt token are prefilled eagerly, as `evals.greedy_generate` does, then every decode step runs
+    through a `StaticDecoder` (a CUDA graph when `graphs`, default: on CUDA). No stop ids: the serving benchmark's fixed-length loop."""
+    ids = torch.as_tensor(input_ids, device=next(model.parameters()).device)
+    if ids.ndim != 2 or ids.shape[1] < 2: raise ValueError(f"input_ids must be [batch, length >= 2], got shape {tuple(ids.shape)}")
+    graphs = ids.is_cuda if graphs is None else graphs
+    if graphs and not ids.is_cuda: raise ValueError(f"CUDA graph capture needs the model on a CUDA device; it is on {ids.device}")
+    model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    dec = StaticDecoder(model, cache, ids.shape[0], max_new_tokens, graphs=graphs)
+    out = torch.empty(ids.shape[0], max_new_tokens, dtype=torch.long, device=ids.device)
+    tok = ids[:, -1:]
+    for t in range(max_new_tokens):
+        tok = dec.step(tok)
+        out[:, t:t + 1] = tok
+    dec.finish()
+    return out
+
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #adf0be04
 def predicted_step_ms(cfg, context: int, batch: int, method: str, settings: ShadowKVConfig | None, bw: dict, hit_rate: float = 0.0,

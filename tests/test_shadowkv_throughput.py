@@ -66,3 +66,132 @@ def test_predicted_step_ms_orders_methods():
 
 def test_decode_speed_bad_inputs(toy):
     with pytest.raises(ValueError, match="inputs"): decode_speed(toy, None, 1, 10, 1, inputs="greedy")
+
+
+# ---------------------------------------------------------------- the static-shape decode (CUDA-graph path)
+from longctx_nb.kvcache import FullKV
+from longctx_nb.shadowkv import ShadowKV
+from longctx_nb.evals import greedy_generate
+from longctx_nb.shadowkv_throughput import StaticDecoder, fast_generate, require_batch_fits
+
+STATIC_METHODS = {"full": FullKV(), "shadowkv": ShadowKV(budget=32, rank=16, chunk_size=4, outliers=2, local_chunks=2, min_prefill=64)}
+
+@pytest.fixture(scope="module")
+def varied():
+    "The toy model with larger random weights: its greedy tokens vary (at the default init it repeats one id)."
+    m = random_llama(llama_config(**TOY), "cpu", torch.float32, seed=1)
+    for p in m.parameters(): p.data.mul_(15)
+    return m
+
+def _prompt(B=2, S=161, seed=0, dev="cpu"):
+    return torch.randint(256, (B, S), generator=torch.Generator().manual_seed(seed)).to(dev)
+
+def _prefilled(model, kv, ids):
+    cache = kv.make_cache(model)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return cache
+
+@pytest.mark.parametrize("method", list(STATIC_METHODS))
+def test_fast_generate_equals_eager_greedy(varied, method):
+    ids, kv = _prompt(), STATIC_METHODS[method]
+    eager = torch.tensor(greedy_generate(varied, ids, stop_ids=[], max_new_tokens=16, cache=kv.make_cache(varied)))
+    static = fast_generate(varied, ids, kv.make_cache(varied), 16)
+    assert len(set(eager.flatten().tolist())) > 4          # the comparison is between varied sequences, not one repeated id
+    assert torch.equal(eager, static)
+
+@pytest.mark.parametrize("method", list(STATIC_METHODS))
+def test_static_step_teacher_forced_matches_eager_and_counts_hits(varied, method):
+    ids, kv = _prompt(seed=1), STATIC_METHODS[method]
+    forced = torch.randint(256, (10, 2, 1), generator=torch.Generator().manual_seed(2))
+    c = _prefilled(varied, kv, ids)
+    eager = [varied(input_ids=forced[t], position_ids=torch.full((2, 1), ids.shape[1] + t), past_key_values=c,
+                    use_cache=True).logits[:, -1].argmax(-1) for t in range(10)]
+    eager_stats = c.stats() if method == "shadowkv" else None
+    dec = StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 10)
+    static = [dec.step(forced[t])[:, 0].clone() for t in range(10)]
+    assert torch.equal(torch.stack(eager), torch.stack(static))
+    st = dec.stats()
+    if method == "shadowkv":
+        assert st["chunk_lookups"] == eager_stats["chunk_lookups"] and 0 < st["hit_rate"] < 1
+        assert st["hit_rate"] == pytest.approx(eager_stats["hit_rate"], abs=1e-12)
+    else: assert st["chunk_lookups"] == 0
+
+@pytest.mark.parametrize("method", list(STATIC_METHODS))
+def test_finish_hands_the_cache_back_to_eager_decoding(varied, method):
+    ids, kv = _prompt(seed=3), STATIC_METHODS[method]
+    ref = torch.tensor(greedy_generate(varied, ids, stop_ids=[], max_new_tokens=12, cache=kv.make_cache(varied)))
+    cache = kv.make_cache(varied)
+    first = fast_generate(varied, ids, cache, 6)             # 6 static steps, then eager steps through the same cache
+    assert cache.get_seq_length() == ids.shape[1] - 1 + 6
+    tok, rest = first[:, -1:], []
+    for t in range(6):
+        tok = varied(input_ids=tok, position_ids=torch.full((2, 1), ids.shape[1] + 5 + t), past_key_values=cache,
+                     use_cache=True).logits[:, -1:].argmax(-1)
+        rest.append(tok)
+    assert torch.equal(torch.cat([first, *rest], 1), ref)
+
+def test_reset_restores_the_state_after_prefill(varied):
+    kv, ids = STATIC_METHODS["shadowkv"], _prompt(seed=4)
+    forced = torch.randint(256, (4, 2, 1), generator=torch.Generator().manual_seed(5))
+    dec = StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 4)
+    first = [dec.step(forced[t]).clone() for t in range(4)]
+    hit = dec.stats()["hit_rate"]
+    dec.reset()
+    again = [dec.step(forced[t]).clone() for t in range(4)]
+    assert torch.equal(torch.cat(first), torch.cat(again)) and dec.stats()["hit_rate"] == hit
+
+def test_static_decoder_bad_inputs(varied):
+    kv, ids = STATIC_METHODS["shadowkv"], _prompt()
+    with pytest.raises(ValueError, match="CUDA graph capture needs"): StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 4, graphs=True)
+    with pytest.raises(ValueError, match="CUDA graph capture needs"): fast_generate(varied, ids, kv.make_cache(varied), 4, graphs=True)
+    dec = StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 2)
+    with pytest.raises(ValueError, match=r"built for batch 2 .*got \(3, 1\)"): dec.step(torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got \(2, 2\)"): dec.step(torch.zeros(2, 2, dtype=torch.long))
+    dec.step(torch.zeros(2, 1, dtype=torch.long)); dec.step(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="all are used"): dec.step(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="holds batch 2"): StaticDecoder(varied, _prefilled(varied, kv, ids), 3, 2)
+    with pytest.warns(UserWarning, match="shorter than min_prefill"): short = _prefilled(varied, kv, ids[:, :40])
+    with pytest.raises(ValueError, match="EXACT"): StaticDecoder(varied, short, 2, 2)
+    padded = kv.make_cache(varied)
+    mask = torch.ones_like(ids); mask[0, :3] = 0
+    varied(input_ids=ids, attention_mask=mask, past_key_values=padded, use_cache=True)
+    with pytest.raises(ValueError, match="left padding"): StaticDecoder(varied, padded, 2, 2)
+    with pytest.raises(ValueError, match="length >= 2"): fast_generate(varied, ids[:, :1], kv.make_cache(varied), 2)
+
+def test_require_batch_fits_names_the_cap_and_the_bytes():
+    per_seq = dict(gpu=3 * 2**30, host=8 * 2**30)
+    assert require_batch_fits(4, per_seq, 13 * 2**30, 40 * 2**30)["cap"] == 4
+    with pytest.raises(ValueError, match=r"GPU cap of 4: 3,072.0 MiB per sequence"): require_batch_fits(5, per_seq, 13 * 2**30, 80 * 2**30)
+    with pytest.raises(ValueError, match=r"host cap of 2: 8,192.0 MiB of values"): require_batch_fits(3, per_seq, 13 * 2**30, 20 * 2**30)
+    with pytest.raises(ValueError, match=r"GPU cap of 3: 3,584.0 MiB per sequence \(3,072.0 cache \+ 512.0 workspace\)"):
+        require_batch_fits(4, per_seq, 13 * 2**30, 80 * 2**30, workspace_per_seq=2**29)
+
+cuda = pytest.mark.gpu
+
+@cuda
+@pytest.mark.parametrize("method", list(STATIC_METHODS))
+def test_cuda_graph_decode_equals_eager_greedy(method):
+    m = random_llama(llama_config(**TOY), "cuda", torch.float32, seed=1)
+    for p in m.parameters(): p.data.mul_(15)
+    ids, kv = _prompt(dev="cuda"), STATIC_METHODS[method]
+    eager = torch.tensor(greedy_generate(m, ids, stop_ids=[], max_new_tokens=16, cache=kv.make_cache(m)), device="cuda")
+    cache = kv.make_cache(m)
+    graph = fast_generate(m, ids, cache, 16, graphs=True)
+    assert len(set(eager.flatten().tolist())) > 4 and torch.equal(eager, graph)
+    forced = torch.randint(256, (10, 2, 1), generator=torch.Generator().manual_seed(2)).cuda()
+    c = _prefilled(m, kv, ids)
+    ref = [m(input_ids=forced[t], position_ids=torch.full((2, 1), ids.shape[1] + t, device="cuda"), past_key_values=c,
+             use_cache=True).logits[:, -1].argmax(-1) for t in range(10)]
+    dec = StaticDecoder(m, _prefilled(m, kv, ids), 2, 10, graphs=True)
+    assert dec.graph is not None
+    got = [dec.step(forced[t])[:, 0].clone() for t in range(10)]
+    assert torch.equal(torch.stack(ref), torch.stack(got))
+    if method == "shadowkv": assert dec.stats()["hit_rate"] == pytest.approx(c.stats()["hit_rate"], abs=1e-12)
+
+@cuda
+def test_cuda_graph_refuses_the_staged_fetch_and_the_torch_kernel():
+    m = random_llama(llama_config(**TOY), "cuda", torch.float32, seed=1)
+    ids = _prompt(dev="cuda")
+    for kw, msg in [(dict(value_fetch="staged"), "staged"), (dict(kernel="torch"), "nonzero")]:
+        kv = ShadowKV(budget=32, rank=16, chunk_size=4, outliers=2, local_chunks=2, min_prefill=64, **kw)
+        with pytest.raises(ValueError, match=msg): StaticDecoder(m, _prefilled(m, kv, ids), 2, 2, graphs=True)
