@@ -20,7 +20,8 @@ from .shadowkv import (ShadowKV, ShadowKVCache, ShadowKVConfig, ShadowKVLayer, s
 # %% auto #0
 __all__ = ['LLAMA3_8B', 'llama_config', 'random_llama', 'hbm_bandwidth', 'h2d_bandwidth', 'uva_gather_bandwidth', 'footprint',
            'host_available_bytes', 'batch_caps', 'require_batch_fits', 'synthetic_prefill', 'constructed_cache',
-           'decode_speed', 'StaticDecoder', 'fast_generate', 'predicted_step_ms', 'equivalent_bandwidth']
+           'decode_speed', 'StaticDecoder', 'fast_generate', 'hbm_value_layers', 'place_values_on_gpu',
+           'predicted_step_ms', 'equivalent_bandwidth']
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #5a64268d
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -181,24 +182,47 @@ def decode_speed(model: nn.Module, cache, batch: int, context: int, n_tokens: in
                 peak_gpu_GB=torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else float("nan"))
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #64a9ef17
-def _static_attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, n_valid: torch.Tensor) -> torch.Tensor:
-    """One decode query [B, H, 1, D] over buffers [B, Hkv, N, D] of which the first `n_valid` rows (a device scalar) are written.
-    The G = H/Hkv query heads of a kv head become G query rows of that head (GQA at L = 1 needs no causal mask), so keys are read
-    once per kv head and the mask [1, 1, 1, N] is a broadcast, whatever the backend. Returns [B, 1, H, D]."""
-    B, H, L, D = query.shape
-    Hkv, N = keys.shape[1], keys.shape[2]
-    if L != 1: raise ValueError(f"a static decode step takes one token per row, got {L}")
-    mask = (torch.arange(N, device=keys.device) < n_valid)[None, None, None]
-    out = F.scaled_dot_product_attention(query.reshape(B, Hkv, H // Hkv, D), keys, values, attn_mask=mask, scale=scaling)
-    return out.reshape(B, 1, H, D)
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, n_valid: torch.Tensor | None = None):
+    """Attention of q [B, Hkv, G, D] over k/v [B, Hkv, N, D] (same head count) and its log-sum-exp: (out float32 [B, Hkv, G, D],
+    lse float32 [B, Hkv, G]). Unmasked: the flash kernel (bf16/fp16 on CUDA; its CPU version on CPU), which returns the LSE and on
+    CUDA splits a long key axis over thread blocks. With `n_valid` (a device scalar; the short decode region): float32 math over
+    the first n_valid rows."""
+    if n_valid is None and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)):
+        flash = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu if q.device.type == "cpu"
+                 else torch.ops.aten._scaled_dot_product_flash_attention)
+        out, lse = flash(q, k, v, scale=scaling)[:2]
+        return out.float(), lse.float()
+    s = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    if n_valid is not None: s = s.masked_fill(torch.arange(k.shape[2], device=k.device) >= n_valid, float("-inf"))
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp() @ v.float(), lse
 
-def _static_sparse_fill(layer: ShadowKVLayer, query: torch.Tensor, scaling: float, misses: torch.Tensor):
+def _static_attend(query: torch.Tensor, buf, base: int, span: int, scaling: float, step: torch.Tensor) -> torch.Tensor:
+    """One decode query [B, H, 1, D] over a `TokenBuffer`: its first `base` rows (the prompt's kept tokens: a fixed extent) and the
+    decode rows base .. base+span of which step+1 are written. The G = H/Hkv query heads of a kv head become G query rows of that
+    head (GQA at one token needs no causal mask, and the keys are read once per kv head). The fixed part runs unmasked (flash), the
+    decode rows masked, and the two softmaxes merge by their log-sum-exps. Returns [B, 1, H, D] in the query's dtype."""
+    B, H, L, D = query.shape
+    Hkv = buf.k.shape[1]
+    if L != 1: raise ValueError(f"a static decode step takes one token per row, got {L}")
+    q = query.reshape(B, Hkv, H // Hkv, D)
+    o_fix, lse_fix = _attend_lse(q, buf.k[:, :, :base], buf.v[:, :, :base], scaling)
+    o_new, lse_new = _attend_lse(q, buf.k[:, :, base:base + span], buf.v[:, :, base:base + span], scaling, step + 1)
+    m = torch.maximum(lse_fix, lse_new)
+    w_fix, w_new = (lse_fix - m).exp()[..., None], (lse_new - m).exp()[..., None]
+    out = (w_fix * o_fix + w_new * o_new) / (w_fix + w_new)
+    return out.to(query.dtype).reshape(B, 1, H, D)
+
+def _static_sparse_fill(layer: ShadowKVLayer, query: torch.Tensor, scaling: float, misses: torch.Tensor, forced_misses: int | None = None):
     """ShadowKV's per-step work before attention, with no host sync: select chunks, keep the hits in their slots, rebuild the missing
-    chunks' keys (main stream) and gather their values (side stream, forked and joined on the device), and add the misses to `misses`."""
+    chunks' keys (main stream) and gather their values (side stream, forked and joined on the device), and add the misses to `misses`.
+    `forced_misses` (the benchmark's sensitivity mode only): fetch that many chunks per (row, kv head) whatever the selection missed,
+    which leaves slots holding other chunks than the table says: the speed of a hit rate, not its outputs."""
     o, C, k = layer.owner, layer.layout.chunk_size, layer.layout.selected_chunks
     s0, s1 = layer.sel_start, layer.sel_start + k * C
     miss_ids, miss_slots, n_miss, slots = assign_slots(layer.slot_ids, layer.select(query, scaling))
     layer.slot_ids.copy_(slots)
+    if forced_misses is not None: n_miss = torch.full_like(n_miss, forced_misses)
     sel_k, sel_v = layer.buf.k[:, :, s0:s1], layer.buf.v[:, :, s0:s1]
     if query.is_cuda:
         main, side = torch.cuda.current_stream(), o.side_stream(query.device)
@@ -235,8 +259,13 @@ class StaticDecoder:
     warm-up (which compiles the Triton kernels) and replayed; without, the same step runs eagerly (the CPU path, and the reference
     the graph is checked against). Drives the model's own decoder layers (a Llama-style `model.model`), with this object as their
     `past_key_values` and its attention installed as their hook."""
-    def __init__(self, model: nn.Module, cache, batch: int, max_new_tokens: int, graphs: bool = False, warmup: int = 2):
+    def __init__(self, model: nn.Module, cache, batch: int, max_new_tokens: int, graphs: bool = False, warmup: int = 2,
+                 inject_hit_rate: float | None = None, benchmark: bool = False):
         dev = next(model.parameters()).device
+        if inject_hit_rate is not None and not benchmark:
+            raise ValueError("inject_hit_rate fetches a fixed share of chunks whatever the selection missed (slots then hold other chunks "
+                             "than their table says): it is the benchmark's sensitivity mode only (benchmark=True), never a decode")
+        if inject_hit_rate is not None and not 0 <= inject_hit_rate <= 1: raise ValueError(f"inject_hit_rate must be in [0, 1], got {inject_hit_rate}")
         if graphs and dev.type != "cuda": raise ValueError(f"CUDA graph capture needs the model on a CUDA device; it is on {dev}")
         if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not hasattr(getattr(model, "model", None), "rotary_emb"): raise TypeError(f"{type(model).__name__} is not a Llama-style model (model.model.rotary_emb)")
@@ -250,6 +279,8 @@ class StaticDecoder:
         self.lookups_per_step = sum(batch * l.slot_ids.shape[1] * l.slot_ids.shape[2] for l in cache.layers if isinstance(l, ShadowKVLayer))
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.next_tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        k = next((l.layout.selected_chunks for l in cache.layers if isinstance(l, ShadowKVLayer)), 0)
+        self.forced_misses = None if inject_hit_rate is None else round((1 - inject_hit_rate) * k)
         self.graph = self._capture(warmup) if graphs else None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -261,8 +292,8 @@ class StaticDecoder:
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         i = module.layer_idx
         layer, scaling = self.cache.layers[i], scaling if scaling is not None else module.scaling
-        if isinstance(layer, ShadowKVLayer): _static_sparse_fill(layer, query, scaling, self.misses)
-        return _static_attend(query, layer.buf.k, layer.buf.v, scaling, self.base[i] + self.step_idx + 1), None
+        if isinstance(layer, ShadowKVLayer): _static_sparse_fill(layer, query, scaling, self.misses, self.forced_misses)
+        return _static_attend(query, layer.buf, self.base[i], self.max_new_tokens, scaling, self.step_idx), None
 
     @torch.no_grad()
     def _step(self):
@@ -346,6 +377,27 @@ def fast_generate(model: nn.Module, input_ids: torch.Tensor, cache, max_new_toke
         out[:, t:t + 1] = tok
     dec.finish()
     return out
+
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #66142256
+def hbm_value_layers(cfg, context: int, settings: ShadowKVConfig, batch: int, gpu_free: float, workspace_per_seq: float = 0.0,
+                     dtype_bytes: int = 2) -> int:
+    "How many layers' offloaded values fit in HBM beside `batch` sequences of ShadowKV's GPU state (from `footprint`; 0 to all layers)."
+    fp = footprint(cfg, context, "shadowkv", settings, dtype_bytes)
+    L = cfg.num_hidden_layers
+    left = gpu_free - batch * (fp["gpu"] + workspace_per_seq)
+    per_layer = batch * fp["host"] / L
+    return 0 if left <= 0 or per_layer == 0 else int(min(L, left // per_layer))
+
+def place_values_on_gpu(cache: ShadowKVCache, n_layers: int) -> ShadowKVCache:
+    "Move the offloaded values (and nothing else) of the first `n_layers` layers of a filled cache to its GPU; the host copies are freed."
+    dev = cache.layers[0].U.device
+    if n_layers and dev.type != "cuda": raise ValueError(f"values go to HBM on a CUDA device; this cache is on {dev}")
+    if not 0 <= n_layers <= len(cache.layers): raise ValueError(f"n_layers must be in [0, {len(cache.layers)}], got {n_layers}")
+    for layer in cache.layers[:n_layers]:
+        if layer.v_host is None: raise ValueError(f"layer {layer.layer_idx} holds no offloaded values (is the cache filled?)")
+        layer.v_host = layer.v_host.to(dev)
+    return cache
 
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #adf0be04

@@ -195,3 +195,93 @@ def test_cuda_graph_refuses_the_staged_fetch_and_the_torch_kernel():
     for kw, msg in [(dict(value_fetch="staged"), "staged"), (dict(kernel="torch"), "nonzero")]:
         kv = ShadowKV(budget=32, rank=16, chunk_size=4, outliers=2, local_chunks=2, min_prefill=64, **kw)
         with pytest.raises(ValueError, match=msg): StaticDecoder(m, _prefilled(m, kv, ids), 2, 2, graphs=True)
+
+def _attend_case(dev, dtype, B=2, H=8, Hkv=2, D=16, base=300, span=20, step=6, seed=0):
+    from longctx_nb.kvcache import TokenBuffer
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
+    buf = TokenBuffer(r(B, Hkv, base, D), r(B, Hkv, base, D), extra=span)
+    buf.k[:, :, base:] = r(B, Hkv, span, D); buf.v[:, :, base:] = r(B, Hkv, span, D)   # rows past step+1 must not count
+    return buf, r(B, H, 1, D)
+
+@pytest.mark.parametrize("step", [0, 6, 19])
+def test_static_attend_is_attention_over_the_written_rows(step):
+    from longctx_nb.kvcache import attend
+    from longctx_nb.shadowkv_throughput import _static_attend
+    buf, q = _attend_case("cpu", torch.float32, step=step)
+    got = _static_attend(q, buf, 300, 20, 0.25, torch.tensor(step))
+    ref = attend(q, buf.k[:, :, :301 + step], buf.v[:, :, :301 + step], 0.25)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_static_attend_on_cuda(dtype):
+    from longctx_nb.kvcache import attend
+    from longctx_nb.shadowkv_throughput import _static_attend
+    buf, q = _attend_case("cuda", dtype, base=4000, step=7)
+    got = _static_attend(q, buf, 4000, 20, 0.25, torch.tensor(7, device="cuda"))
+    ref = attend(q.float(), buf.k[:, :, :4008].float(), buf.v[:, :, :4008].float(), 0.25)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+def test_hit_rate_injection_is_refused_outside_the_benchmark(varied):
+    kv, ids = STATIC_METHODS["shadowkv"], _prompt()
+    with pytest.raises(ValueError, match="sensitivity mode only"): StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 2, inject_hit_rate=0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"): StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 2, inject_hit_rate=1.5, benchmark=True)
+
+@pytest.mark.parametrize("hit", [0.0, 0.5, 1.0])
+def test_injected_hit_rate_is_the_measured_one(varied, hit):
+    kv, ids = STATIC_METHODS["shadowkv"], _prompt()
+    dec = StaticDecoder(varied, _prefilled(varied, kv, ids), 2, 3, inject_hit_rate=hit, benchmark=True)
+    for _ in range(3): dec.step(torch.zeros(2, 1, dtype=torch.long))
+    assert dec.forced_misses == round((1 - hit) * 8) and dec.stats()["hit_rate"] == pytest.approx(1 - dec.forced_misses / 8)
+
+def test_hbm_value_layers_from_the_memory_model():
+    from longctx_nb.shadowkv import ShadowKVConfig as C
+    from longctx_nb.shadowkv_throughput import hbm_value_layers
+    cfg = llama_config()
+    st = C(budget=2048, rank=160)
+    fp = footprint(cfg, 122880, "shadowkv", st)
+    free = 13 * fp["gpu"] + 5.6 * 13 * fp["host"] / 32        # room for 5.6 layers' values beside 13 sequences
+    assert hbm_value_layers(cfg, 122880, st, 13, free) == 5
+    assert hbm_value_layers(cfg, 122880, st, 13, 13 * fp["gpu"] - 1) == 0
+    assert hbm_value_layers(cfg, 122880, st, 1, 1e15) == 32
+    assert hbm_value_layers(cfg, 122880, C(budget=2048, rank=160, value_dtype="fp8"), 13, free) == 11   # half the bytes (less the fp8 scales on the GPU)
+
+def test_place_values_on_gpu_refuses_a_cpu_cache(toy):
+    from longctx_nb.shadowkv_throughput import place_values_on_gpu
+    st = ShadowKVConfig(budget=64, rank=16, min_prefill=256)
+    c = constructed_cache(toy, synthetic_prefill(toy, 512, 16), 1, "shadowkv", st)
+    with pytest.raises(ValueError, match="CUDA"): place_values_on_gpu(c, 1)
+    assert place_values_on_gpu(c, 0) is c
+
+@cuda
+@pytest.mark.parametrize("value_dtype", ["auto", "fp8"])
+def test_cuda_graph_with_values_in_hbm_equals_values_on_the_host(value_dtype):
+    from longctx_nb.shadowkv_throughput import place_values_on_gpu
+    m = random_llama(llama_config(**TOY), "cuda", torch.bfloat16, seed=1)
+    st = ShadowKVConfig(budget=64, rank=16, min_prefill=256, value_dtype=value_dtype)
+    rec = synthetic_prefill(m, 1024, 16)
+    forced = torch.randint(256, (6, 2, 1), generator=torch.Generator().manual_seed(2)).cuda()
+    outs = []
+    for n_hbm in (0, 1):
+        c = place_values_on_gpu(constructed_cache(m, rec, 2, "shadowkv", st), n_hbm)
+        assert c.layers[0].v_host.is_cuda == bool(n_hbm) and not c.layers[1].v_host.is_cuda
+        dec = StaticDecoder(m, c, 2, 6, graphs=True)
+        outs.append(torch.stack([dec.step(forced[t]).clone() for t in range(6)]))
+        c.detach()
+    assert torch.equal(outs[0], outs[1])
+
+def test_serving_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    "kernels.shadowkv_serving --tiny: the toy model on CPU through every row (caps computed and binding, probe, sensitivity)."
+    import pandas as pd
+    from kernels import shadowkv_serving
+    assert shadowkv_serving.main(["--tiny", "--sensitivity", "--out", str(tmp_path)]) == 0
+    t = pd.read_csv(tmp_path / "serving.csv").set_index("method")
+    assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"]
+    assert t.loc["ShadowKV host values (paper-faithful)", "batch"] == t.loc["ShadowKV host values (paper-faithful)", "host_cap"] == 2
+    assert t.loc["ShadowKV fp8 values", "batch"] == 4 and t.loc["full attention", "ratio_to_full_best"] == 1.0
+    assert (t.ms_per_step > 0).all() and t.hit_rate.iloc[1:].between(0, 1).all() and (t.pcie_GB_per_step.iloc[1:] > 0).all()
+    s = pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")
+    assert list(s.injected_hit_rate) == [0.0, 0.25, 0.5, 0.75, 0.9]
+    assert (s.measured_hit_rate - s.injected_hit_rate).abs().max() <= 1 / 16      # rounded to whole chunks of the 16 selected

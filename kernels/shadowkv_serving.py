@@ -1,0 +1,185 @@
+"""ShadowKV against full attention at serving speed (issue 14, part 3): one context per process, both methods decoding through
+CUDA graphs (notebook 51's StaticDecoder) at the largest batch that fits, on the Llama-3-8B-shaped random model. Rows: full
+attention; ShadowKV paper-faithful (bf16 values in page-locked host memory); fp8 values; each of those with the values of as many
+layers as fit moved to HBM (the count from the memory model). Per row: batch, ms/step, tok/s, ratio to full attention's best,
+GPU busy share (union of device activity over the step), kernels per step, measured hit rate, PCIe GB per step (misses of the
+host-resident layers), GPU and host bytes per sequence. Batches: the caps computed from the memory model (GPU: free memory after
+the weights over the per-sequence bytes plus a workspace; host: MemAvailable less a reserve), then probed downward on the GPU
+until a batch builds and decodes (the host cap is never probed: past it the host swaps rather than fails).
+
+    python -m kernels.shadowkv_serving --context 122880 [--gpu-budget-gb 80] [--sensitivity] [--out DIR]
+    python -m kernels.shadowkv_serving --tiny      # a toy model on CPU (the static step run eagerly): checks the script end to end
+
+--gpu-budget-gb caps this process's GPU memory (torch.cuda.set_per_process_memory_fraction), to stand beside the paper's A100 80GB.
+--sensitivity adds tok/s at injected hit rates (labelled sensitivity: the slots then hold other chunks than their table says, so
+only the speed means anything). Needs CUDA unless --tiny. Exit status 1 when a row gives no finite time or the sweep finds no batch.
+"""
+import gc, math, sys, time
+from kernels._lab import lab_main, Measured
+import pandas as pd
+import torch
+
+NAME = "shadowkv_serving"
+TINY_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=16)
+
+
+def add_args(ap):
+    ap.add_argument("--context", type=int, default=122880)
+    ap.add_argument("--budget", type=int, default=None, help="sparse budget in tokens (default: 2048 at >= 96k, 1024 at >= 48k, else 512)")
+    ap.add_argument("--rank", type=int, default=160)
+    ap.add_argument("--steps", type=int, default=20, help="timed decode steps per row (after the graph's warm-up)")
+    ap.add_argument("--gpu-budget-gb", type=float, default=None, help="cap this process's GPU memory (default: the whole GPU)")
+    ap.add_argument("--host-reserve-gb", type=float, default=12.0)
+    ap.add_argument("--workspace-mb", type=float, default=96.0, help="decode workspace per sequence added to the GPU footprint")
+    ap.add_argument("--probe", type=int, default=4, help="batches tried below the computed GPU cap before giving up")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--sensitivity", action="store_true", help="also tok/s at injected hit rates 0, 0.25, 0.5, 0.75, 0.9 (sensitivity only)")
+    ap.add_argument("--tiny", action="store_true", help="a toy model on CPU: checks the script, measures nothing of interest")
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+
+def device_profile(dec, tokens, steps: int) -> dict:
+    "Kernels per step and the GPU busy share: the union of device-activity intervals over the profiled steps' wall time."
+    from torch.profiler import profile, ProfilerActivity
+    from torch.autograd import DeviceType
+    if not tokens.is_cuda: return dict(kernels_per_step=float("nan"), gpu_busy_share=float("nan"))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps): dec.step(tokens)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, -math.inf
+    for s, e in spans:                                         # the two streams overlap: count covered time once
+        if e <= end: continue
+        busy += e - max(s, end); end = e
+    return dict(kernels_per_step=len(spans) / steps, gpu_busy_share=busy / wall_us if wall_us else float("nan"))
+
+
+def time_decoder(dec, batch: int, steps: int, vocab: int, dev) -> dict:
+    "The median of `steps` decode steps (one graph replay each on CUDA, timed by device events; wall time on CPU), fed fresh random tokens."
+    tokens = torch.randint(vocab, (steps, batch, 1), device=dev)
+    ms = []
+    for t in range(steps):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(); dec.step(tokens[t]); end.record(); end.synchronize()
+            ms.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter(); dec.step(tokens[t]); ms.append((time.perf_counter() - t0) * 1e3)
+    med = float(torch.tensor(ms).median())
+    return dict(ms_per_step=med, tok_s=batch * 1e3 / med)
+
+
+def measure(lib, a) -> Measured:
+    thr, skv = lib.shadowkv_throughput, lib.shadowkv
+    cuda = torch.cuda.is_available() and not a.tiny
+    dev = torch.device("cuda" if cuda else "cpu")
+    if a.tiny: a.context, a.rank, a.steps, a.budget, a.workspace_mb, a.max_batch = 2048, 16, 3, 64, 0.5, 4
+    budget = a.budget or (2048 if a.context >= 96 * 1024 else 1024 if a.context >= 48 * 1024 else 512)
+    if cuda and a.gpu_budget_gb:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_budget_gb * 1e9 / total), dev)
+    cfg = thr.llama_config(**(TINY_MODEL if a.tiny else {}))
+    model = thr.random_llama(cfg, dev, torch.bfloat16 if cuda else torch.float32)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype_bytes = 2 if cuda else 4
+    n_profiled, warm = 3, 2
+    max_new = warm + 1 + a.steps + n_profiled + 2               # every step the decoder takes, so no buffer grows after capture
+    if cuda:
+        limit = a.gpu_budget_gb * 1e9 if a.gpu_budget_gb else torch.cuda.get_device_properties(dev).total_memory
+        gpu_free = min(torch.cuda.mem_get_info(dev)[0], limit - torch.cuda.memory_allocated(dev)) - 2**30
+    else:
+        gpu_free = 0.06e9                                       # the toy's pretend GPU, so the caps bind as they do at 122k
+    host_free = (thr.host_available_bytes() - a.host_reserve_gb * 2**30) if cuda else 3e6   # the toy: a host cap of 2 for bf16
+    workspace = a.workspace_mb * 2**20
+    rec = thr.synthetic_prefill(model, a.context, a.rank)
+    st = lambda **kw: skv.ShadowKVConfig(budget=budget, rank=a.rank, min_prefill=min(1024, a.context), reserve_tokens=max_new, **kw)
+    rows, sens, checks = [], [], []
+
+    def run_rows(label, method, settings, placements):
+        "Build at the largest batch that fits (computed, then probed), measure, then each placement on the same cache."
+        fp = thr.footprint(cfg, a.context, method, settings, dtype_bytes=dtype_bytes, reserve_tokens=max_new)
+        caps = thr.batch_caps(fp, gpu_free, host_free, workspace, max_batch=a.max_batch)
+        for batch in range(caps["cap"], max(0, caps["cap"] - a.probe), -1):
+            cache = dec = None
+            try:
+                thr.require_batch_fits(batch, fp, gpu_free, host_free, workspace)
+                cache = thr.constructed_cache(model, rec, batch, method, settings, reserve_tokens=max_new)
+                for n_hbm in placements(batch):
+                    if n_hbm: thr.place_values_on_gpu(cache, n_hbm)
+                    cache_reset(cache)
+                    dec = thr.StaticDecoder(model, cache, batch, max_new, graphs=cuda, warmup=warm)
+                    t = time_decoder(dec, batch, a.steps, cfg.vocab_size, dev)
+                    prof = device_profile(dec, torch.zeros(batch, 1, dtype=torch.long, device=dev), n_profiled)
+                    hit = dec.stats()["hit_rate"]
+                    L = cfg.num_hidden_layers
+                    row_bytes = settings.chunk_size * cfg.head_dim * (1 if settings.value_dtype == "fp8" else dtype_bytes) if settings else 0
+                    pcie = (1 - hit) * dec.lookups_per_step * row_bytes * (L - n_hbm) / L / 1e9 if settings else 0.0
+                    moved = fp["host"] * n_hbm / L if settings else 0.0
+                    rows.append(dict(method=label + (f", {n_hbm} layers' values in HBM" if n_hbm else ""), context=a.context, batch=batch,
+                                     gpu_cap=caps["gpu_cap"], host_cap=caps["host_cap"], hbm_value_layers=n_hbm, **t, **prof,
+                                     hit_rate=hit, pcie_GB_per_step=pcie, gpu_GB_per_seq=(fp["gpu"] + moved) / 1e9,
+                                     host_GB_per_seq=(fp["host"] - moved) / 1e9, graphs=dec.graph is not None))
+                    print(rows[-1], flush=True)
+                    if a.sensitivity and settings is not None and n_hbm == 0 and settings.value_dtype == "auto":
+                        for h in (0.0, 0.25, 0.5, 0.75, 0.9):
+                            dec = None; free_memory(); cache_reset(cache)
+                            dec = thr.StaticDecoder(model, cache, batch, max_new, graphs=cuda, warmup=warm, inject_hit_rate=h, benchmark=True)
+                            sens.append(dict(method=label, context=a.context, batch=batch, injected_hit_rate=h,
+                                             measured_hit_rate=None, **time_decoder(dec, batch, a.steps, cfg.vocab_size, dev)))
+                            sens[-1]["measured_hit_rate"] = dec.stats()["hit_rate"]
+                        cache_reset(cache)
+                    dec = None; free_memory()
+                return
+            except torch.OutOfMemoryError as e:
+                print(f"{label} at batch {batch}: out of GPU memory ({str(e).splitlines()[0]}); probing {batch - 1}", flush=True)
+            finally:
+                dec = None
+                if cache is not None: cache.detach()
+                del cache; free_memory()
+        checks.append(f"{label}: no batch from {caps['cap']} down {a.probe} builds and decodes")
+
+    def cache_reset(cache):
+        "A new decoder over a cache another decoder used: its buffers' lengths are still the prefill's (no finish()), the slots empty."
+        for layer in cache.layers:
+            if hasattr(layer, "slot_ids") and layer.slot_ids is not None: layer.slot_ids.fill_(-1)
+
+    def placements_for(settings):
+        def pick(batch):
+            if not cuda: return [0]
+            n = thr.hbm_value_layers(cfg, a.context, settings, batch, gpu_free, workspace, dtype_bytes)
+            return [0] + ([n] if n else [])
+        return pick
+
+    t_start = time.perf_counter()
+    run_rows("full attention", "full", None, lambda b: [0])
+    run_rows("ShadowKV host values (paper-faithful)", "shadowkv", st(), placements_for(st()))
+    run_rows("ShadowKV fp8 values", "shadowkv", st(value_dtype="fp8"), placements_for(st(value_dtype="fp8")))
+    table = pd.DataFrame(rows)
+    if len(table):
+        full_best = table[table.method == "full attention"].tok_s.max()
+        table["ratio_to_full_best"] = table.tok_s / full_best if full_best == full_best else float("nan")
+    tables = dict(serving=table)                     # unrounded: the toy's PCIe bytes are far below 1e-4 GB
+    if sens: tables["hit_rate_sensitivity"] = pd.DataFrame(sens).round(4)
+    print(table.to_string(), flush=True)
+    ok = not checks and len(table) > 0 and bool(table.ms_per_step.map(lambda x: math.isfinite(x) and x > 0).all())
+    for c in checks: print("CHECK FAILED:", c, flush=True)
+    meta = dict(mode="gpu" if cuda else "tiny", context=a.context, budget=budget, rank=a.rank, steps=a.steps, gpu_budget_gb=a.gpu_budget_gb,
+                gpu_free_GB=gpu_free / 1e9, host_free_GB=host_free / 1e9, weight_GB=weight_bytes / 1e9, seconds=time.perf_counter() - t_start,
+                failed_checks=checks)
+    return Measured(tables, ok=ok, meta=meta)
+
+
+def main(argv=None) -> int:
+    return lab_main(NAME, __doc__, measure, add_args, argv, needs_cuda=lambda a: not a.tiny)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
