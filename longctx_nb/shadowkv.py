@@ -22,8 +22,8 @@ import triton.language as tl
 # %% auto #0
 __all__ = ['PAPER_DEFAULTS', 'PAPER_OUTLIER_FRACTION', 'FP8_MAX', 'ShadowKVConfig', 'ShadowKVLayout', 'shadowkv_layout',
            'low_rank_keys', 'singular_values', 'svd_relative_error', 'chunk_landmarks', 'landmark_scores',
-           'assign_slots', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys', 'quantize_chunks_fp8', 'dequantize_chunks',
-           'gather_chunks_ref', 'gather_chunks', 'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV']
+           'assign_slots', 'assign_slots_fused', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys', 'quantize_chunks_fp8',
+           'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks', 'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV']
 
 # %% ../nbs/50_shadowkv.ipynb #f0589fd7
 # The official defaults (ByteDance-Seed/ShadowKV, models/kv_cache.py and test/eval_acc.py) at the paper's 128k contexts.
@@ -196,6 +196,49 @@ def assign_slots(cached_ids: torch.Tensor, new_ids: torch.Tensor):
     fill = torch.arange(k, device=new_ids.device) < n_miss[..., None]
     updated = cached_ids.scatter(-1, miss_slots, torch.where(fill, miss_ids, cached_ids.gather(-1, miss_slots)))
     return miss_ids, miss_slots, n_miss, updated
+
+# %% ../nbs/50_shadowkv.ipynb #27a2007c
+@triton.jit
+def _assign_slots_fwd(CACHED, NEW, MISS_IDS, MISS_SLOTS, N_MISS, UPDATED, K, KP: tl.constexpr):
+    # one program per row of k slots: the k x k comparison, both compactions (cumsum) and the slot update in registers
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, KP)
+    ok = i < K
+    new = tl.load(NEW + row * K + i, mask=ok, other=-2)
+    held = tl.load(CACHED + row * K + i, mask=ok, other=-3)
+    eq = ((new[:, None] == held[None, :]) & ok[:, None] & ok[None, :]).to(tl.int32)
+    hit = ok & (tl.max(eq, axis=1) > 0)                # new[i] is already held
+    keep = ok & (tl.max(eq, axis=0) > 0)               # held[j] is selected again
+    miss, free = ok & ~hit, ok & ~keep
+    n_miss = tl.sum(miss.to(tl.int32), axis=0)
+    n_free = tl.sum(free.to(tl.int32), axis=0)
+    rank_miss = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+    rank_free = tl.cumsum(free.to(tl.int32), axis=0) - 1
+    # the reference's stable argsorts: misses (free slots) first in order, then hits (kept slots) in order
+    pos_new = tl.where(miss, rank_miss, n_miss + tl.cumsum(hit.to(tl.int32), axis=0) - 1)
+    pos_slot = tl.where(free, rank_free, n_free + tl.cumsum(keep.to(tl.int32), axis=0) - 1)
+    tl.store(MISS_IDS + row * K + pos_new, new, mask=ok)
+    tl.store(MISS_SLOTS + row * K + pos_slot, i.to(tl.int64), mask=ok)
+    tl.store(N_MISS + row, n_miss.to(tl.int64))
+    # the free slot of rank r takes the miss of rank r (r < n_miss); every other slot keeps its chunk
+    match = (rank_free[:, None] == rank_miss[None, :]) & free[:, None] & miss[None, :]        # [slot j, selected i]
+    incoming = tl.sum(tl.where(match, new[None, :], 0), axis=1)
+    takes = tl.max(match.to(tl.int32), axis=1) > 0
+    tl.store(UPDATED + row * K + i, tl.where(takes, incoming, held), mask=ok)
+
+def assign_slots_fused(cached_ids: torch.Tensor, new_ids: torch.Tensor):
+    "`assign_slots` in one Triton launch (the reference takes about 20: sorts, searches, gathers, a scatter); the same four outputs."
+    if cached_ids.shape != new_ids.shape: raise ValueError(f"cached {tuple(cached_ids.shape)} and new {tuple(new_ids.shape)} selections differ in shape")
+    if cached_ids.dtype != torch.int64 or new_ids.dtype != torch.int64: raise TypeError(f"chunk ids must be int64, got {cached_ids.dtype} and {new_ids.dtype}")
+    k = new_ids.shape[-1]
+    cached, new = cached_ids.contiguous(), new_ids.contiguous()
+    miss_ids, miss_slots, updated = torch.empty_like(new), torch.empty_like(new), torch.empty_like(cached)
+    n_miss = torch.empty(new.shape[:-1], dtype=torch.int64, device=new.device)
+    rows = new.numel() // k if k else 0
+    if rows: _assign_slots_fwd[(rows,)](cached, new, miss_ids, miss_slots, n_miss, updated, k, KP=max(16, triton.next_power_of_2(k)),
+                                        num_warps=8 if k > 64 else 4)
+    return miss_ids, miss_slots, n_miss, updated
+
 
 # %% ../nbs/50_shadowkv.ipynb #acf1f627
 def _check_shadow_keys_args(U, SV, cos, sin, positions, chunk_ids, chunk_size, slots, counts, out):
@@ -491,7 +534,7 @@ class ShadowKVLayer(HookedKVLayer):
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         o, C, k = self.owner, self.layout.chunk_size, self.layout.selected_chunks
         s0, s1 = self.sel_start, self.sel_start + k * C
-        miss_ids, miss_slots, n_miss, self.slot_ids = assign_slots(self.slot_ids, self.select(query, scaling))
+        miss_ids, miss_slots, n_miss, self.slot_ids = o.assign(self.slot_ids, self.select(query, scaling))
         sel_k, sel_v = self.buf.k[:, :, s0:s1], self.buf.v[:, :, s0:s1]
         cuda = query.device.type == "cuda"
         if o.use_uva(self.v_host):
@@ -567,6 +610,11 @@ class ShadowKVCache(HookedKVCache):
             raise TypeError(f"RoPE(k_proj output) differs from the model's keys (relative error {err:.2e}): this model transforms keys "
                             f"between k_proj and RoPE (e.g. a key norm), which ShadowKV's k_proj hook does not support")
         self._rope_checked = True
+
+    def assign(self, cached_ids, new_ids):
+        "`assign_slots_fused` where the tensors are on a GPU (kernel 'auto') or when asked for ('triton'); else `assign_slots`."
+        kernel = self.settings.kernel
+        return (assign_slots_fused if kernel == "triton" or (kernel == "auto" and new_ids.is_cuda) else assign_slots)(cached_ids, new_ids)
 
     def rebuild_keys(self, U, SV, positions, chunk_ids, chunk_size, slots, counts, out):
         kernel = self.settings.kernel

@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .core import *
 from .kvcache import FullKV, PrefillRecord, LayerState, host_empty
 from .models import attention_hook, rope_tables, rotate_half
-from .shadowkv import (ShadowKV, ShadowKVCache, ShadowKVConfig, ShadowKVLayer, shadowkv_layout, assign_slots,
+from .shadowkv import (ShadowKV, ShadowKVCache, ShadowKVConfig, ShadowKVLayer, shadowkv_layout,
                                  gather_chunks, gather_chunks_ref)
 
 # %% auto #0
@@ -214,13 +214,13 @@ def _static_attend(query: torch.Tensor, buf, base: int, span: int, scaling: floa
     return out.to(query.dtype).reshape(B, 1, H, D)
 
 def _static_sparse_fill(layer: ShadowKVLayer, query: torch.Tensor, scaling: float, misses: torch.Tensor, forced_misses: int | None = None):
-    """ShadowKV's per-step work before attention, with no host sync: select chunks, keep the hits in their slots, rebuild the missing
+    """ShadowKV's per-step work before attention, with no host sync: select chunks, keep the hits in their slots (one fused launch on CUDA), rebuild the missing
     chunks' keys (main stream) and gather their values (side stream, forked and joined on the device), and add the misses to `misses`.
     `forced_misses` (the benchmark's sensitivity mode only): fetch that many chunks per (row, kv head) whatever the selection missed,
     which leaves slots holding other chunks than the table says: the speed of a hit rate, not its outputs."""
     o, C, k = layer.owner, layer.layout.chunk_size, layer.layout.selected_chunks
     s0, s1 = layer.sel_start, layer.sel_start + k * C
-    miss_ids, miss_slots, n_miss, slots = assign_slots(layer.slot_ids, layer.select(query, scaling))
+    miss_ids, miss_slots, n_miss, slots = o.assign(layer.slot_ids, layer.select(query, scaling))
     layer.slot_ids.copy_(slots)
     if forced_misses is not None: n_miss = torch.full_like(n_miss, forced_misses)
     sel_k, sel_v = layer.buf.k[:, :, s0:s1], layer.buf.v[:, :, s0:s1]

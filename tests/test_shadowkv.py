@@ -14,7 +14,7 @@ from longctx_nb.evals import greedy_generate
 from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill, host_empty, SnapKV, StreamingLLM, QuestPages
 from longctx_nb.shadowkv import (
     ShadowKV, ShadowKVConfig, ShadowKVCache, shadowkv_layout, low_rank_keys, svd_relative_error, chunk_landmarks, landmark_scores,
-    assign_slots, shadow_keys, shadow_keys_ref,
+    assign_slots, assign_slots_fused, shadow_keys, shadow_keys_ref,
     gather_chunks, gather_chunks_ref, quantize_chunks_fp8, dequantize_chunks, FP8_MAX)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"    # kernel tests: the compiled kernel on CUDA, the interpreter on CPU
@@ -123,6 +123,25 @@ def test_landmark_scores_max_over_group():
     torch.testing.assert_close(s, naive)
     s_masked = landmark_scores(q, lm, 0.3, torch.tensor([True, False, True, True, True]).expand(2, 2, 5))
     assert (s_masked[..., 1] == 0).all()
+
+@pytest.mark.parametrize("B,Hkv,k,n", [(1, 1, 4, 10), (2, 3, 7, 30), (3, 2, 16, 16), (1, 2, 33, 100), (1, 1, 256, 4000)],
+                         ids=["k4", "k7-odd", "k16-all-chunks", "k33", "k256-paper"])
+def test_assign_slots_fused_equals_the_reference(B, Hkv, k, n):
+    "On CUDA the compiled kernel, on CPU the interpreter: all four outputs over steps from an empty table, one repeating a selection."
+    g = torch.Generator().manual_seed(k)
+    held = torch.full((B, Hkv, k), -1, dtype=torch.long, device=DEV)
+    for step in range(4):
+        new = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B * Hkv)]).view(B, Hkv, k).to(DEV)
+        if step == 2: new = held[..., torch.randperm(k, generator=g).to(DEV)]          # every chunk a hit, in another order
+        ref, got = assign_slots(held, new), assign_slots_fused(held, new)
+        for name, r, t in zip(("miss_ids", "miss_slots", "n_miss", "updated"), ref, got):
+            assert torch.equal(r, t), f"{name} differs at step {step}"
+        if step == 2: assert int(got[2].sum()) == 0
+        held = ref[3]
+
+def test_assign_slots_fused_bad_inputs():
+    with pytest.raises(ValueError, match="differ in shape"): assign_slots_fused(torch.zeros(1, 2, 4, dtype=torch.long), torch.zeros(1, 2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"): assign_slots_fused(torch.zeros(1, 2, 4, dtype=torch.int32), torch.zeros(1, 2, 4, dtype=torch.int32))
 
 def test_assign_slots_keeps_hits_in_place():
     g = torch.Generator().manual_seed(0)
