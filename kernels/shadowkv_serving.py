@@ -1,7 +1,8 @@
 """ShadowKV against full attention at serving speed (issue 14, part 3): one context per process, both methods decoding through
 CUDA graphs (notebook 51's StaticDecoder) at the largest batch that fits, on the Llama-3-8B-shaped random model. Rows: full
 attention; ShadowKV paper-faithful (bf16 values in page-locked host memory); fp8 values; each of those with the values of as many
-layers as fit moved to HBM (the count from the memory model). Per row: batch, ms/step, tok/s, ratio to full attention's best,
+layers as fit moved to HBM (the count from the memory model); the faithful row and the best fp8 row again as two half-batches
+stepped in one graph on two streams (PairedDecoder: one half's PCIe reads overlap the other's GPU work). Per row: batch, ms/step, tok/s, ratio to full attention's best,
 GPU busy share (union of device activity over the step), kernels per step, measured hit rate, PCIe GB per step (misses of the
 host-resident layers), GPU and host bytes per sequence. Batches: the caps computed from the memory model (GPU: free memory after
 the weights over the per-sequence bytes plus a workspace; host: MemAvailable less a reserve), then probed downward on the GPU
@@ -164,10 +165,39 @@ def measure(lib, a) -> Measured:
             return [0] + ([n] if n else [])
         return pick
 
+    def run_paired(label, settings, of):
+        "Two half-batch caches stepped as one graph on two streams (PairedDecoder), at the batch and placement of the row `of`."
+        base = next((r for r in rows if r["method"] == of and r.get("status") == "ok"), None)
+        if base is None or base["batch"] < 2: return
+        batch, n_hbm = base["batch"], base["hbm_value_layers"]
+        caches, dec = [], None
+        try:
+            for half in (batch // 2, batch - batch // 2):
+                caches.append(thr.place_values_on_gpu(thr.constructed_cache(model, rec, half, "shadowkv", settings, reserve_tokens=max_new), n_hbm))
+            dec = thr.PairedDecoder(model, caches, max_new, graphs=cuda, warmup=warm)
+            t = time_decoder(dec, batch, a.steps, cfg.vocab_size, dev)
+            prof = device_profile(dec, torch.zeros(batch, 1, dtype=torch.long, device=dev), n_profiled)
+            hit, L = dec.stats()["hit_rate"], cfg.num_hidden_layers
+            row_bytes = settings.chunk_size * cfg.head_dim * (1 if settings.value_dtype == "fp8" else dtype_bytes)
+            rows.append(dict(base, method=label, **t, **prof, hit_rate=hit, graphs=dec.graph is not None, status="ok",
+                             pcie_GB_per_step=(1 - hit) * dec.lookups_per_step * row_bytes * (L - n_hbm) / L / 1e9))
+        except torch.OutOfMemoryError as e:
+            rows.append(dict(method=label, context=a.context, batch=batch, hbm_value_layers=n_hbm, status="OOM"))
+            print(f"{label}: out of GPU memory ({str(e).splitlines()[0]})", flush=True)
+        finally:
+            dec = None
+            for c in caches: c.detach()
+            caches.clear(); free_memory()
+        print(rows[-1], flush=True)
+
     t_start = time.perf_counter()
     run_rows("full attention", "full", None, lambda b: [0])
-    run_rows("ShadowKV host values (paper-faithful)", "shadowkv", st(), placements_for(st()))
-    run_rows("ShadowKV fp8 values", "shadowkv", st(value_dtype="fp8"), placements_for(st(value_dtype="fp8")))
+    faithful, fp8 = "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"
+    run_rows(faithful, "shadowkv", st(), placements_for(st()))
+    run_rows(fp8, "shadowkv", st(value_dtype="fp8"), placements_for(st(value_dtype="fp8")))
+    run_paired(f"{faithful}, two half-batches overlapped", st(), faithful)
+    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok"]
+    run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8"), placed_fp8[0] if placed_fp8 else fp8)
     table = pd.DataFrame(rows)
     if len(table):
         full_best = table[(table.method == "full attention") & (table.status == "ok")].tok_s.max()

@@ -20,7 +20,7 @@ from .shadowkv import (ShadowKV, ShadowKVCache, ShadowKVConfig, ShadowKVLayer, s
 # %% auto #0
 __all__ = ['LLAMA3_8B', 'llama_config', 'random_llama', 'hbm_bandwidth', 'h2d_bandwidth', 'uva_gather_bandwidth', 'footprint',
            'host_available_bytes', 'batch_caps', 'require_batch_fits', 'synthetic_prefill', 'constructed_cache',
-           'decode_speed', 'StaticDecoder', 'fast_generate', 'hbm_value_layers', 'place_values_on_gpu',
+           'decode_speed', 'StaticDecoder', 'fast_generate', 'hbm_value_layers', 'place_values_on_gpu', 'PairedDecoder',
            'predicted_step_ms', 'equivalent_bandwidth']
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #5a64268d
@@ -398,6 +398,63 @@ def place_values_on_gpu(cache: ShadowKVCache, n_layers: int) -> ShadowKVCache:
         if layer.v_host is None: raise ValueError(f"layer {layer.layer_idx} holds no offloaded values (is the cache filled?)")
         layer.v_host = layer.v_host.to(dev)
     return cache
+
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #df32eebf
+class PairedDecoder:
+    """Two `StaticDecoder`s over two caches (the halves of a batch) stepped together. On CUDA one graph holds both steps on two
+    streams, so the GPU runs them concurrently: one half's zero-copy value reads (PCIe) overlap the other half's HBM-bound work
+    (keys, attention, the weights' GEMMs). On CPU the halves run one after the other (the reference the overlap must equal)."""
+    def __init__(self, model: nn.Module, caches, max_new_tokens: int, graphs: bool = False, warmup: int = 2):
+        if len(caches) != 2: raise ValueError(f"a paired decoder takes two caches (the halves of a batch), got {len(caches)}")
+        self.halves = [StaticDecoder(model, c, c.layers[0].buf.k.shape[0], max_new_tokens) for c in caches]
+        if graphs and self.halves[0].device.type != "cuda": raise ValueError(f"CUDA graph capture needs the model on a CUDA device; it is on {self.halves[0].device}")
+        self.split = self.halves[0].batch
+        self.batch, self.max_new_tokens, self.steps_taken = self.split + self.halves[1].batch, max_new_tokens, 0
+        self.lookups_per_step = sum(h.lookups_per_step for h in self.halves)
+        self.next_tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.halves[0].device)
+        self._stream = torch.cuda.Stream(self.halves[0].device) if graphs else None
+        self.graph = None
+        if graphs:
+            side = torch.cuda.Stream(self.halves[0].device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(max(1, warmup)): self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.reset()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph): self._step()
+            self.reset()
+
+    def _step(self):
+        if self._stream is None:
+            for h in self.halves: h._step()
+        else:                                                  # fork the second half onto its own stream, join before the output
+            main = torch.cuda.current_stream()
+            self._stream.wait_stream(main)
+            with torch.cuda.stream(self._stream): self.halves[1]._step()
+            self.halves[0]._step()
+            main.wait_stream(self._stream)
+        self.next_tokens.copy_(torch.cat([h.next_tokens for h in self.halves]))
+
+    def reset(self):
+        for h in self.halves: h.reset()
+        self.steps_taken = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape != (self.batch, 1):
+            raise ValueError(f"this decoder was built for batch {self.batch} ({self.split} + {self.batch - self.split}) and one token per row; got {tuple(tokens.shape)}")
+        if self.steps_taken >= self.max_new_tokens: raise ValueError(f"the buffers hold {self.max_new_tokens} decoded tokens; all are used")
+        self.halves[0].tokens.copy_(tokens[:self.split]); self.halves[1].tokens.copy_(tokens[self.split:])
+        self.graph.replay() if self.graph is not None else self._step()
+        self.steps_taken += 1
+        for h in self.halves: h.steps_taken = self.steps_taken
+        return self.next_tokens
+
+    def stats(self) -> dict:
+        lookups = self.lookups_per_step * self.steps_taken
+        misses = sum(int(h.misses) for h in self.halves)
+        return dict(steps=self.steps_taken, chunk_lookups=lookups, hit_rate=1 - misses / lookups if lookups else float("nan"))
 
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #adf0be04

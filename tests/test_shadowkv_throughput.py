@@ -278,10 +278,45 @@ def test_serving_benchmark_runs_end_to_end_on_cpu(tmp_path):
     from kernels import shadowkv_serving
     assert shadowkv_serving.main(["--tiny", "--sensitivity", "--out", str(tmp_path)]) == 0
     t = pd.read_csv(tmp_path / "serving.csv").set_index("method")
-    assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"]
+    assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values",
+                             "ShadowKV host values (paper-faithful), two half-batches overlapped", "ShadowKV fp8 values, two half-batches overlapped"]
+    assert t.iloc[3].batch == t.iloc[1].batch and t.iloc[4].batch == t.iloc[2].batch          # the pair at its row's batch
     assert t.loc["ShadowKV host values (paper-faithful)", "batch"] == t.loc["ShadowKV host values (paper-faithful)", "host_cap"] == 2
     assert t.loc["ShadowKV fp8 values", "batch"] == 4 and t.loc["full attention", "ratio_to_full_best"] == 1.0
     assert (t.ms_per_step > 0).all() and t.hit_rate.iloc[1:].between(0, 1).all() and (t.pcie_GB_per_step.iloc[1:] > 0).all()
     s = pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")
     assert list(s.injected_hit_rate) == [0.0, 0.25, 0.5, 0.75, 0.9]
     assert (s.measured_hit_rate - s.injected_hit_rate).abs().max() <= 1 / 16      # rounded to whole chunks of the 16 selected
+
+def test_paired_decoder_equals_its_halves_alone(varied):
+    from longctx_nb.shadowkv_throughput import PairedDecoder
+    kv, ids = STATIC_METHODS["shadowkv"], _prompt(B=3, seed=6)
+    forced = torch.randint(256, (8, 3, 1), generator=torch.Generator().manual_seed(7))
+    alone, misses = [], 0
+    for rows in (slice(0, 2), slice(2, 3)):
+        d = StaticDecoder(varied, _prefilled(varied, kv, ids[rows]), ids[rows].shape[0], 8)
+        alone.append(torch.stack([d.step(forced[t, rows]).clone() for t in range(8)])); misses += int(d.misses)
+    pair = PairedDecoder(varied, [_prefilled(varied, kv, ids[:2]), _prefilled(varied, kv, ids[2:])], 8)
+    together = torch.stack([pair.step(forced[t]).clone() for t in range(8)])
+    assert torch.equal(together, torch.cat(alone, 1))
+    st = pair.stats()
+    assert st["chunk_lookups"] == 8 * 3 * 2 * 8 * 2        # steps x rows x kv heads x selected chunks x layers
+    assert st["hit_rate"] == pytest.approx(1 - misses / st["chunk_lookups"])
+    with pytest.raises(ValueError, match=r"batch 3 \(2 \+ 1\)"): pair.step(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="two caches"): PairedDecoder(varied, [_prefilled(varied, kv, ids)], 2)
+    with pytest.raises(ValueError, match="CUDA graph capture needs"): PairedDecoder(varied, [_prefilled(varied, kv, ids[:2]), _prefilled(varied, kv, ids[2:])], 2, graphs=True)
+
+@cuda
+def test_paired_cuda_graph_equals_its_halves_alone():
+    from longctx_nb.shadowkv_throughput import PairedDecoder
+    m = random_llama(llama_config(**TOY), "cuda", torch.float32, seed=1)
+    for p in m.parameters(): p.data.mul_(15)
+    kv, ids = STATIC_METHODS["shadowkv"], _prompt(B=4, seed=6, dev="cuda")
+    forced = torch.randint(256, (8, 4, 1), generator=torch.Generator().manual_seed(7)).cuda()
+    alone = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        d = StaticDecoder(m, _prefilled(m, kv, ids[rows]), 2, 8, graphs=True)
+        alone.append(torch.stack([d.step(forced[t, rows]).clone() for t in range(8)]))
+    pair = PairedDecoder(m, [_prefilled(m, kv, ids[:2]), _prefilled(m, kv, ids[2:])], 8, graphs=True)
+    assert pair.graph is not None
+    assert torch.equal(torch.stack([pair.step(forced[t]).clone() for t in range(8)]), torch.cat(alone, 1))
