@@ -320,3 +320,12 @@ def test_paired_cuda_graph_equals_its_halves_alone():
     pair = PairedDecoder(m, [_prefilled(m, kv, ids[:2]), _prefilled(m, kv, ids[2:])], 8, graphs=True)
     assert pair.graph is not None
     assert torch.equal(torch.stack([pair.step(forced[t]).clone() for t in range(8)]), torch.cat(alone, 1))
+
+def test_static_step_with_fp8_values_equals_eager(varied):
+    "fp8 values (quantized chunks and their scales) through the static step: the eager decode's tokens and hit rate."
+    kv = ShadowKV(budget=32, rank=16, chunk_size=4, outliers=2, local_chunks=2, min_prefill=64, value_dtype="fp8")
+    ids = _prompt(seed=8)
+    eager_cache = kv.make_cache(varied)
+    eager = torch.tensor(greedy_generate(varied, ids, stop_ids=[], max_new_tokens=12, cache=eager_cache))
+    assert eager_cache.layers[0].v_host.dtype == torch.float8_e4m3fn
+    assert torch.equal(eager, fast_generate(varied, ids, kv.make_cache(varied), 12))
