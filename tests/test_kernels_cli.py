@@ -13,7 +13,7 @@ SCRIPTS = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__) if not m
 
 
 def test_every_script_is_listed():
-    assert {"tensorized_bench", "shadowkv_keys_check", "shadowkv_lab", "shadowkv_decode_profile", "longppl_speed"} <= set(SCRIPTS)
+    assert {"tensorized_bench", "shadowkv_keys_check", "shadowkv_lab", "shadowkv_decode_profile", "shadowkv_serving", "longppl_speed"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
