@@ -22,7 +22,7 @@ from .models import attention_modules, set_attention_hook, attention_hook
 __all__ = ['PrefillRecord', 'valid_from_mask', 'attend', 'host_empty', 'TokenBuffer', 'LayerState', 'HookedKVLayer',
            'HookedKVCache', 'PrefillRecorder', 'positions_from_mask', 'record_prefill', 'KVMethod', 'record_window',
            'BudgetedKV', 'KeptTokensLayer', 'FullKV', 'StreamingLLM', 'QuestLayer', 'QuestPages', 'ScoredEviction',
-           'SnapKV', 'H2O', 'accumulated_attention', 'eviction_mask', 'masked_decode_logits']
+           'SnapKV', 'H2O', 'eviction_mask', 'masked_decode_logits']
 
 # %% ../nbs/03_kvcache.ipynb #7413b3e5
 _logger = logging.getLogger(__name__)
@@ -607,32 +607,33 @@ class H2O(ScoredEviction):
         if not 0 <= self.recent < 1: raise ValueError(f"recent is the share of the budget for recent tokens, in [0, 1), got {self.recent}")
 
     def score(self, rec: PrefillRecord, n: int) -> torch.Tensor:
-        acc = accumulated_attention(rec).clone()           # the record's memo is shared: never write into it
+        acc = self.accumulated_attention(rec).clone()           # the record's memo is shared: never write into it
         n_recent = min(int(round(self.recent * n)), n)
         if n_recent: acc[..., acc.shape[-1] - n_recent:] = float("inf")
         return acc
 
-def accumulated_attention(rec: PrefillRecord, block: int = 256) -> torch.Tensor:
-    """Attention [B, Hkv, S] (float32) each prompt token receives, summed over every prompt query of its kv head's group (padded
-    queries do not vote). It depends on the record alone, so it is computed once per record and kept in `rec.memo`."""
-    if "accumulated_attention" in rec.memo: return rec.memo["accumulated_attention"]
-    keys, valid, q = rec.keys, rec.valid, rec.queries
-    B, Hkv, S, D = keys.shape
-    if q is None or q.shape[2] != S:
-        raise ValueError(f"H2O accumulates attention over every prompt query: the record holds {0 if q is None else q.shape[2]} of {S} "
-                         f"(record the prefill with window=None)")
-    G, acc = q.shape[1] // Hkv, torch.zeros(B, Hkv, S, device=keys.device)
-    for i0 in range(0, S, block):                       # query blocks: memory O(block * S) per head
-        qi = q[:, :, i0:i0 + block].float().reshape(B, Hkv, G, -1, D)
-        s = torch.einsum("bhgld,bhsd->bhgls", qi, keys.float()) * D ** -0.5
-        rows = torch.arange(i0, i0 + qi.shape[3], device=keys.device)
-        s = s.masked_fill(torch.arange(S, device=keys.device) > rows[:, None], float("-inf"))
-        if valid is not None: s = s.masked_fill(~valid[:, None, None, None], float("-inf"))
-        p = s.softmax(-1).nan_to_num(0.0)
-        if valid is not None: p = p * valid[:, None, None, i0:i0 + qi.shape[3], None]    # padded queries do not vote
-        acc += p.sum((2, 3))
-    rec.memo["accumulated_attention"] = acc
-    return acc
+    @staticmethod
+    def accumulated_attention(rec: PrefillRecord, block: int = 256) -> torch.Tensor:
+        """Attention [B, Hkv, S] (float32) each prompt token receives, summed over every prompt query of its kv head's group (padded
+        queries do not vote). It depends on the record alone, so it is computed once per record and kept in `rec.memo`."""
+        if "accumulated_attention" in rec.memo: return rec.memo["accumulated_attention"]
+        keys, valid, q = rec.keys, rec.valid, rec.queries
+        B, Hkv, S, D = keys.shape
+        if q is None or q.shape[2] != S:
+            raise ValueError(f"H2O accumulates attention over every prompt query: the record holds {0 if q is None else q.shape[2]} of {S} "
+                             f"(record the prefill with window=None)")
+        G, acc = q.shape[1] // Hkv, torch.zeros(B, Hkv, S, device=keys.device)
+        for i0 in range(0, S, block):                       # query blocks: memory O(block * S) per head
+            qi = q[:, :, i0:i0 + block].float().reshape(B, Hkv, G, -1, D)
+            s = torch.einsum("bhgld,bhsd->bhgls", qi, keys.float()) * D ** -0.5
+            rows = torch.arange(i0, i0 + qi.shape[3], device=keys.device)
+            s = s.masked_fill(torch.arange(S, device=keys.device) > rows[:, None], float("-inf"))
+            if valid is not None: s = s.masked_fill(~valid[:, None, None, None], float("-inf"))
+            p = s.softmax(-1).nan_to_num(0.0)
+            if valid is not None: p = p * valid[:, None, None, i0:i0 + qi.shape[3], None]    # padded queries do not vote
+            acc += p.sum((2, 3))
+        rec.memo["accumulated_attention"] = acc
+        return acc
 
 # %% ../nbs/03_kvcache.ipynb #b27efc47
 def eviction_mask(method: BudgetedKV, rec: PrefillRecord) -> torch.Tensor:

@@ -9,7 +9,7 @@ from helpers import tiny_llama_config, assert_dropped_caches_are_freed
 from longctx_nb.kvcache import (
     LayerState, PrefillRecord, TokenBuffer, attend, valid_from_mask, positions_from_mask, host_empty, HookedKVLayer, HookedKVCache,
     PrefillRecorder, record_prefill, record_window, KVMethod, BudgetedKV, KeptTokensLayer, ScoredEviction, FullKV, StreamingLLM,
-    QuestPages, QuestLayer, SnapKV, H2O, accumulated_attention, eviction_mask, masked_decode_logits)
+    QuestPages, QuestLayer, SnapKV, H2O, eviction_mask, masked_decode_logits)
 
 METHODS = [StreamingLLM, QuestPages, SnapKV, H2O]
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -383,7 +383,7 @@ def test_h2o_ranking_equals_a_hand_computation():
     rec = PrefillRecord(keys=k, values=torch.randn(B, Hkv, S, D, generator=g), positions=torch.arange(S).expand(B, S), queries=q)
     acc, kept = _h2o_by_hand(q, k, recent_n=3, n=6)
     m = H2O(budget=6)                                                  # recent = round(0.5 * 6) = 3
-    torch.testing.assert_close(accumulated_attention(rec, block=5).double(), acc, rtol=1e-5, atol=1e-6)   # odd block: the loop must not matter
+    torch.testing.assert_close(H2O.accumulated_attention(rec, block=5).double(), acc, rtol=1e-5, atol=1e-6)   # odd block: the loop must not matter
     assert [r for row in m.keep(rec, 6).tolist() for r in row] == kept
 
 
@@ -398,7 +398,7 @@ def test_h2o_accumulates_once_per_record_and_each_budget_sets_its_own_recent_win
     memo = rec.memo["accumulated_attention"]
     narrow = H2O(budget=4, recent=0.0).score(rec, 4)                  # a later budget on the same record: no +inf left from the first
     torch.testing.assert_close(narrow.double(), acc, rtol=1e-5, atol=1e-6)
-    assert accumulated_attention(rec) is memo and torch.isfinite(memo).all()
+    assert H2O.accumulated_attention(rec) is memo and torch.isfinite(memo).all()
 
 
 def test_h2o_keeps_the_budget_the_recent_window_and_the_heavy_hitter(tiny):
