@@ -25,6 +25,19 @@ TINY_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hi
                   num_key_value_heads=2, head_dim=16)
 
 
+CODE = ("kernels/shadowkv_serving.py", "kernels/_lab.py", "longctx_nb/shadowkv_throughput.py", "longctx_nb/shadowkv.py")
+
+
+def code_digest(root=None) -> str:
+    "sha256 over the sources that make this benchmark's numbers: a reader of a report (notebook 51) refuses one measured by other code."
+    import hashlib
+    from pathlib import Path
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in CODE: h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def add_args(ap):
     ap.add_argument("--context", type=int, default=122880)
     ap.add_argument("--budget", type=int, default=None, help="sparse budget in tokens (default: 2048 at >= 96k, 1024 at >= 48k, else 512)")
@@ -210,7 +223,7 @@ def measure(lib, a) -> Measured:
     for c in checks: print("CHECK FAILED:", c, flush=True)
     meta = dict(mode="gpu" if cuda else "tiny", context=a.context, budget=budget, rank=a.rank, steps=a.steps, gpu_budget_gb=a.gpu_budget_gb,
                 gpu_free_GB=gpu_free / 1e9, host_free_GB=host_free / 1e9, weight_GB=weight_bytes / 1e9, seconds=time.perf_counter() - t_start,
-                failed_checks=checks)
+                failed_checks=checks, code_sha256=code_digest())
     return Measured(tables, ok=ok, meta=meta)
 
 

@@ -1,5 +1,6 @@
 "ShadowKV at 8B scale: the memory model against built caches, the caps, the bandwidth formulas, the Llama-3-8B shape."
 import math
+from pathlib import Path
 import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
@@ -287,6 +288,23 @@ def test_serving_benchmark_runs_end_to_end_on_cpu(tmp_path):
     s = pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")
     assert list(s.injected_hit_rate) == [0.0, 0.25, 0.5, 0.75, 0.9]
     assert (s.measured_hit_rate - s.injected_hit_rate).abs().max() <= 1 / 16      # rounded to whole chunks of the 16 selected
+    import json
+    run = next(iter(json.loads((tmp_path / "meta.json").read_text())["runs"].values()))
+    assert run["code_sha256"] == shadowkv_serving.code_digest()        # what notebook 51 compares before it reads a serving report
+
+def test_serving_code_digest_changes_with_any_of_its_sources(tmp_path):
+    import shutil
+    from kernels import shadowkv_serving
+    root = Path(shadowkv_serving.__file__).resolve().parents[1]
+    for rel in shadowkv_serving.CODE:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True); shutil.copy(root / rel, tmp_path / rel)
+    base = shadowkv_serving.code_digest(tmp_path)
+    assert base == shadowkv_serving.code_digest(root)
+    for rel in shadowkv_serving.CODE:
+        f = tmp_path / rel; text = f.read_bytes()
+        f.write_bytes(text + b"\n"); assert shadowkv_serving.code_digest(tmp_path) != base, rel
+        f.write_bytes(text)
+    assert shadowkv_serving.code_digest(tmp_path) == base
 
 def test_paired_decoder_equals_its_halves_alone(varied):
     from longctx_nb.shadowkv_throughput import PairedDecoder
