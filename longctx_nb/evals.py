@@ -24,8 +24,8 @@ __all__ = ['RULER_TASKS', 'DEFAULT_NEEDLES', 'NIAH_INSTRUCTION', 'RETRIEVAL_HEAD
            'pad_to_length', 'fit_length', 'RulerTasks', 'Needle', 'Prompt', 'encode_with_offsets', 'token_span',
            'build_niah_prompt', 'niah_prompts', 'RetrievalPrompt', 'line_retrieval_prompts', 'retrieval_scores',
            'string_match_all', 'normalize_answer', 'token_f1', 'parse_citations', 'citation_f1', 'rouge', 'score',
-           'pearson', 'spearman', 'bootstrap_ci', 'stop_token_ids', 'left_pad', 'greedy_generate', 'DecodedBatch',
-           'evaluate', 'accuracy_table']
+           'pearson', 'spearman', 'bootstrap_ci', 'stop_token_ids', 'line_stop_ids', 'first_line', 'left_pad',
+           'greedy_generate', 'DecodedBatch', 'around_attention', 'evaluate', 'accuracy_table']
 
 # %% ../nbs/04_evals.ipynb #44181f82
 @dataclass
@@ -540,6 +540,18 @@ def stop_token_ids(tok=None, model: nn.Module | None = None) -> list[int]:
     if gen is not None: add(gen.eos_token_id)
     return ids
 
+@lru_cache(maxsize=8)
+def _newline_ids(tok) -> frozenset[int]:
+    return frozenset(i for i in sorted(set(tok.get_vocab().values())) if "\n" in tok.decode([i]))
+
+def line_stop_ids(tok, model: nn.Module | None = None) -> frozenset[int]:
+    "Where a one-line answer ends: `stop_token_ids` and every token whose text holds a newline."
+    return frozenset(stop_token_ids(tok, model)) | _newline_ids(tok)
+
+def first_line(tok, token_ids: Sequence[int]) -> str:
+    "The answer text of generated ids: decoded without special tokens, cut at the first newline, stripped."
+    return tok.decode(list(token_ids), skip_special_tokens=True).split("\n")[0].strip()
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     "(input_ids, attention_mask) [B, S] of token lists left-padded to the longest with `pad_id`."
     if not prompts: raise ValueError("no prompts")
@@ -626,36 +638,77 @@ class DecodedBatch:
     decode_s: float               # seconds to build the cache and decode the batch
 
 
+# %% ../nbs/04_evals.ipynb #a334918f
+@contextlib.contextmanager
+def around_attention(model: nn.Module, hook, phase: str):
+    "Context manager: at each forward of `model`, every layer's attention function `f` becomes `hook(..., inner=f)`; `hook=None`: nothing."
+    if hook is None: yield; return
+    from longctx_nb.models import attention_modules, ATTN_IMPL
+    mods, held = attention_modules(model), []
+    def wrap(_, args, kwargs):
+        if model.config._attn_implementation != ATTN_IMPL:
+            raise RuntimeError("around_attention wraps the attention a kvcache cache installs; no cache is attached to the model")
+        if hasattr(hook, "phase"): hook.phase = phase
+        extra = hook.before_forward(phase, **kwargs) if hasattr(hook, "before_forward") else None
+        held[:] = [getattr(m, "longctx_attention", None) for m in mods]
+        for m, inner in zip(mods, held): m.longctx_attention = _wrapped(hook, inner)
+        return args, {**kwargs, **(extra or {})}
+    def restore(*_):
+        for m, inner in zip(mods, held): m.longctx_attention = inner
+    handles = [model.register_forward_pre_hook(wrap, with_kwargs=True), model.register_forward_hook(restore, always_call=True)]
+    try: yield
+    finally:
+        for h in handles: h.remove()
+        restore()
+
+def _wrapped(hook, inner):
+    def attention(module, query, key, value, attention_mask, **kwargs): return hook(module, query, key, value, attention_mask, inner=inner, **kwargs)
+    return attention
+
 # %% ../nbs/04_evals.ipynb #fd1178db
 @torch.no_grad()
 def evaluate(methods, samples: Sequence[TaskSample], model: nn.Module, tok, batch_size: int = 8, max_new_tokens: int | None = None,
              window: int | None | str = "auto", progress: bool = False, max_chars: int = 200,
-             on_batch: Callable[[DecodedBatch], Sequence[Mapping]] | None = None) -> "pd.DataFrame":
+             on_batch: Callable[[DecodedBatch], Sequence[Mapping]] | None = None, *, hook=None, pad_id: int | None = None,
+             one_line: bool = False) -> "pd.DataFrame":
     """Score every KV method of `methods` (a list, or a dict label -> method) on `samples`: each batch of equal-length samples is
     prefilled once, exactly (recording the last `window` queries: by default what the methods read); each method decodes greedily
-    from a cache built from that prefill. One row per (method, sample); `on_batch(DecodedBatch)` may add columns (one dict per sample)."""
+    from a cache built from that prefill. One row per (method, sample); `on_batch(DecodedBatch)` may add columns (one dict per sample).
+    `hook` runs around every layer's attention in prefill and decode (`around_attention`); with `pad_id`, samples of any length share
+    left-padded batches (full attention only); `one_line` ends answers at their first line (`line_stop_ids`, `first_line`)."""
     import pandas as pd
     from tqdm.auto import tqdm
-    from longctx_nb.kvcache import record_prefill, record_window
+    from longctx_nb.kvcache import record_prefill, record_window, FullKV
     named = _method_rows(methods)
     if window == "auto": window = record_window([m for _, m in named])
     if not samples: raise ValueError("no samples to evaluate")
-    dev, stops = next(model.parameters()).device, stop_token_ids(tok, model)
-    by_len: dict[int, list[int]] = {}
-    for i, s in enumerate(samples): by_len.setdefault(len(s.input_ids), []).append(i)
-    batches = [idx[j:j + batch_size] for idx in by_len.values() for j in range(0, len(idx), batch_size)]
+    if pad_id is not None and not all(type(m) is FullKV for _, m in named):
+        raise ValueError(f"padded batches (pad_id) are checked for full attention only; got {[type(m).__name__ for _, m in named]}")
+    dev = next(model.parameters()).device
+    stops = line_stop_ids(tok, model) if one_line else frozenset(stop_token_ids(tok, model))
+    if pad_id is None:
+        by_len: dict[int, list[int]] = {}
+        for i, s in enumerate(samples): by_len.setdefault(len(s.input_ids), []).append(i)
+        batches = [idx[j:j + batch_size] for idx in by_len.values() for j in range(0, len(idx), batch_size)]
+    else:                                         # similar lengths together: the least padding
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+        batches = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
     rows, bar = [], tqdm(total=len(batches) * len(named), disable=not progress)
     for b in batches:
-        batch = [samples[i] for i in b]; S = len(batch[0].input_ids)
-        ids = torch.tensor([s.input_ids for s in batch], device=dev)
-        logits, records = record_prefill(model, ids, window=window)
+        batch = [samples[i] for i in b]
+        if pad_id is None: ids, am = torch.tensor([s.input_ids for s in batch], device=dev), None
+        else: ids, am = (t.to(dev) for t in left_pad([s.input_ids for s in batch], pad_id))
+        S = ids.shape[1]
+        with around_attention(model, hook, "prefill"):
+            logits, records = record_prefill(model, ids, attention_mask=am, window=window)
         n_new = max_new_tokens or max(s.max_new_tokens for s in batch)
         for setting, m in named:
             cache = m.make_cache(model, S)
             try:
                 with Timer() as t_dec:
                     cache.load_prefill(records)
-                    out = greedy_generate(model, ids, stop_ids=stops, max_new_tokens=n_new, cache=cache, first_logits=logits)
+                    with around_attention(model, hook, "decode"):
+                        out = greedy_generate(model, ids, attention_mask=am, stop_ids=stops, max_new_tokens=n_new, cache=cache, first_logits=logits)
             finally:
                 if hasattr(cache, "detach"): cache.detach()
             hit, attended = _hit_rate(cache), int(m.attended_tokens(S))
@@ -664,9 +717,9 @@ def evaluate(methods, samples: Sequence[TaskSample], model: nn.Module, tok, batc
                 extra = list(on_batch(DecodedBatch(setting, m, cache, records, logits, ids, batch, list(b), out, t_dec.elapsed)))
                 if len(extra) != len(batch): raise ValueError(f"on_batch returned {len(extra)} rows for a batch of {len(batch)} samples")
             for i, s, toks, ex in zip(b, batch, out, extra):
-                pred = tok.decode(toks[:-1] if toks and toks[-1] in stops else toks, skip_special_tokens=True)
+                pred = first_line(tok, toks) if one_line else tok.decode(toks[:-1] if toks and toks[-1] in stops else toks, skip_special_tokens=True)
                 rows.append(dict(method=_method_name(m), setting=setting, budget=_budget(m), task=s.task,
-                                 length=S, sample=i, score=score(s.task, pred, s.answers), chance=s.chance, attended_tokens=attended,
+                                 length=len(s.input_ids), sample=i, score=score(s.task, pred, s.answers), chance=s.chance, attended_tokens=attended,
                                  hit_rate=hit, decode_s=t_dec.elapsed / len(batch), prediction=pred[:max_chars], answers="|".join(map(str, s.answers)), **ex))
             del cache; bar.update(1)
         del records
@@ -675,7 +728,8 @@ def evaluate(methods, samples: Sequence[TaskSample], model: nn.Module, tok, batc
 
 # %% ../nbs/04_evals.ipynb #611b9abb
 def accuracy_table(df: "pd.DataFrame", by: Sequence[str] = ("method", "setting"), column: str = "task", value: str = "score",
-                   scale: float = 100.0, level: float = 0.95, n_boot: int = 1000, seed: int = 0, average: bool = True) -> "pd.DataFrame":
+                   scale: float = 100.0, level: float = 0.95, n_boot: int = 1000, seed: int = 0, average: bool = True,
+                   digits: int = 1) -> "pd.DataFrame":
     "Mean `value` x `scale` per `by` group and `column` value (plus their average), each with a `level` bootstrap interval column."
     import pandas as pd
     missing = [c for c in (*by, column, value) if c not in df.columns]
@@ -687,6 +741,6 @@ def accuracy_table(df: "pd.DataFrame", by: Sequence[str] = ("method", "setting")
         for c in cols:
             v = (g if c == "average" else g[g[column] == c])[value].to_numpy(float) * scale
             lo, hi = bootstrap_ci(v, n_boot=n_boot, level=level, seed=seed) if len(v) else (float("nan"), float("nan"))
-            row[c], row[f"{c} {level:.0%} CI"] = (float(v.mean()) if len(v) else float("nan")), f"[{lo:.1f}, {hi:.1f}]"
+            row[c], row[f"{c} {level:.0%} CI"] = (float(v.mean()) if len(v) else float("nan")), f"[{lo:.{digits}f}, {hi:.{digits}f}]"
         rows.append(row)
     return pd.DataFrame(rows)

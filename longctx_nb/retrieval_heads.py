@@ -17,21 +17,21 @@ from torch import nn
 from .core import *
 from .data import Document, load_corpus
 from .models import load_causal_lm, attention_modules, attention_hook, train_lm
-from .evals import (Needle, DEFAULT_NEEDLES, Prompt, chat_prompt, has_chat_template, encode_with_offsets, token_span,
-                              build_niah_prompt, niah_prompts, token_f1, citation_f1, rouge, pearson, stop_token_ids, left_pad,
-                              greedy_generate)
+from .evals import (Needle, DEFAULT_NEEDLES, Prompt, TaskSample, TASK_METRICS, chat_prompt, has_chat_template,
+                              encode_with_offsets, token_span, build_niah_prompt, niah_prompts, rouge, pearson, left_pad,
+                              greedy_generate, line_stop_ids, first_line, evaluate)
+from .kvcache import FullKV
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # %% auto #0
 __all__ = ['MASK_MODES', 'TASKS', 'REALISM', 'DIVERSITY', 'VARIANTS', 'FIRST_NAMES', 'LAST_NAMES', 'TOWN_STEMS', 'TOWN_MIDS',
            'TOWN_ENDS', 'SPECIALTIES', 'RELATIONS', 'SPECIALTY', 'INSIGHTS', 'LOW_FILLER', 'CITE_INSTRUCTION',
            'QA_INSTRUCTION', 'ATTENTION_PROJECTIONS', 'subsequence_span', 'last_query_argmax', 'heads_by_layer',
-           'HeadHook', 'answer_stop_ids', 'DecodeHooks', 'decode_batch', 'decode_answer', 'generate_answers',
-           'Detection', 'detect_retrieval_heads', 'rank_heads', 'retrieval_heads', 'top_heads', 'random_heads',
-           'split_sentences', 'SentencePool', 'sentence_pool', 'TaskExample', 'fit_example', 'make_examples',
-           'task_probe', 'attention_only', 'encode_examples', 'encode_example', 'task_batches', 'answer_loss',
-           'attention_state', 'load_attention_state', 'finetune_attention', 'evaluate_examples', 'cosine',
-           'head_set_relations']
+           'HeadHook', 'DecodeHooks', 'decode_batch', 'Intervention', 'evaluate_heads', 'probe_samples', 'Detection',
+           'detect_retrieval_heads', 'rank_heads', 'retrieval_heads', 'top_heads', 'random_heads', 'split_sentences',
+           'SentencePool', 'sentence_pool', 'TaskExample', 'fit_example', 'make_examples', 'task_probe',
+           'attention_only', 'encode_examples', 'encode_example', 'task_batches', 'answer_loss', 'attention_state',
+           'load_attention_state', 'finetune_attention', 'task_samples', 'cosine', 'head_set_relations']
 
 # %% ../nbs/20_retrieval_heads.ipynb #0346f394
 def subsequence_span(ids: Sequence[int], pattern: Sequence[int]) -> tuple[int, int]:
@@ -72,26 +72,22 @@ class HeadHook:
         if self.patch and patch_source is None: raise ValueError("patching needs the donor's HeadHook as patch_source")
         self.phase, self.argmax, self.captured = "decode", {}, {}
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, inner=None, **kwargs):
         layer = module.layer_idx
         if self.record and self.phase == "decode": self.argmax[layer] = last_query_argmax(query, key, attention_mask)
-        masked = self.mask.get(layer) if (self.phase == "decode" or self.mask_prefill) else None
+        masked = self.mask.get(layer)
+        # a prefill's last query is the one that predicts the first answer token: masked unless the whole prompt is
+        rows = slice(None) if (self.phase == "decode" or self.mask_prefill) else slice(-1, None)
         if masked and self.mask_mode == "uniform":
-            query = query.clone(); query[:, masked] = 0  # all logits 0 -> uniform over the visible keys
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if masked and self.mask_mode == "zero": out = out.clone(); out[:, :, masked] = 0
+            query = query.clone(); query[:, masked, rows] = 0  # all logits 0 -> uniform over the visible keys
+        out, _ = (inner or sdpa_attention_forward)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if masked and self.mask_mode == "zero": out = out.clone(); out[:, rows, masked] = 0
         if layer in self.capture: self.captured[layer] = out[:, :, self.capture[layer]].clone()
         if layer in self.patch:
             out = out.clone(); out[:, :, self.patch[layer]] = self.patch_source.captured[layer].to(out.dtype)
         return out, None
 
 # %% ../nbs/20_retrieval_heads.ipynb #23669b8b
-@lru_cache(maxsize=8)
-def answer_stop_ids(tok) -> frozenset[int]:
-    "Where an answer ends: the tokenizer's stop ids (`evals.stop_token_ids`) and every token whose text holds a newline."
-    vocab = sorted(set(tok.get_vocab().values()))
-    return frozenset(stop_token_ids(tok)) | frozenset(i for i in vocab if "\n" in tok.decode([i]))
-
 def _no_weights_error(model) -> RuntimeError:
     impl = model.config._attn_implementation
     return RuntimeError(f"attention weights are not available: the model runs attn_implementation={impl!r}, which returns none. "
@@ -109,6 +105,7 @@ class DecodeHooks:
 
     def before_forward(self, phase: str, past_key_values=None, **inputs):
         if self.hook is not None: self.hook.phase = phase
+        if phase == "prefill": self.donor_cache = None    # a new batch: the donor starts a new cache too
         if self.donor is not None:
             m, h = self.donor; h.phase = phase
             self.donor_cache = m(**inputs, past_key_values=self.donor_cache).past_key_values
@@ -128,27 +125,29 @@ def decode_batch(model: nn.Module, tok, prompts: Sequence[Sequence[int]], max_ne
     hooks = DecodeHooks(model, hook, donor, backend, on_step)
     if not prompts or min(len(p) for p in prompts) < 2: raise ValueError("every prompt needs at least 2 tokens")
     ids, am = left_pad(prompts, tok.pad_token_id if tok.pad_token_id is not None else 0)
-    return greedy_generate(model, ids, attention_mask=am, stop_ids=answer_stop_ids(tok), max_new_tokens=max_new_tokens, hook=hooks)
+    return greedy_generate(model, ids, attention_mask=am, stop_ids=line_stop_ids(tok), max_new_tokens=max_new_tokens, hook=hooks)
 
-def decode_answer(tok, token_ids: Sequence[int]) -> str:
-    "The answer text of generated ids, without special tokens and without what follows a newline."
-    return tok.decode(list(token_ids), skip_special_tokens=True).split("\n")[0].strip()
+class Intervention(DecodeHooks):
+    "`DecodeHooks` as `evals.evaluate`'s hook: the recipient's `HeadHook` runs around each layer's attention, the donor one forward ahead."
+    def __call__(self, module, query, key, value, attention_mask, **kwargs): return self.hook(module, query, key, value, attention_mask, **kwargs)
 
-def generate_answers(model: nn.Module, tok, prompts: Sequence[Prompt | Sequence[int]], max_new_tokens: int = 32,
-                     batch_size: int = 8, mask: Iterable[tuple[int, int]] = (), mask_mode: str = "uniform",
-                     donor: nn.Module | None = None, patch: Iterable[tuple[int, int]] = ()) -> list[str]:
-    "Greedy answers to `prompts` in batches (similar lengths together), optionally with heads masked or patched in from `donor`."
+def evaluate_heads(model: nn.Module, tok, samples: Sequence[TaskSample], batch_size: int = 8, mask: Iterable[tuple[int, int]] = (),
+                   mask_mode: str = "uniform", donor: nn.Module | None = None, patch: Iterable[tuple[int, int]] = ()) -> "pd.DataFrame":
+    """`evals.evaluate` of full attention on `samples` (one-line answers, left-padded batches of similar lengths), with heads masked or
+    patched in from `donor`: its tidy table, one row per sample."""
     if donor is model: raise ValueError("the donor must be a different module than the recipient (copy.deepcopy it): one module has one hook")
-    ids = [p.ids if isinstance(p, Prompt) else list(p) for p in prompts]
-    patch = list(patch); order = sorted(range(len(ids)), key=lambda i: len(ids[i])); answers = [""] * len(ids)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        donor_hook = HeadHook(capture=patch) if donor is not None and patch else None
-        hook = HeadHook(mask=mask, mask_mode=mask_mode, patch=patch if donor_hook else (), patch_source=donor_hook)
-        with attention_hook(model, hook), (attention_hook(donor, donor_hook) if donor_hook else contextlib.nullcontext()):
-            gen = decode_batch(model, tok, [ids[i] for i in idx], max_new_tokens, hook, donor=(donor, donor_hook) if donor_hook else None)
-        for i, g in zip(idx, gen): answers[i] = decode_answer(tok, g)
-    return answers
+    mask, patch = list(mask), list(patch)
+    donor_hook = HeadHook(capture=patch) if donor is not None and patch else None
+    hook = HeadHook(mask=mask, mask_mode=mask_mode, patch=patch if donor_hook else (), patch_source=donor_hook)
+    run = Intervention(model, hook, (donor, donor_hook) if donor_hook else None) if (mask or donor_hook) else None
+    with attention_hook(donor, donor_hook) if donor_hook else contextlib.nullcontext():
+        return evaluate([FullKV()], samples, model, tok, batch_size, hook=run, one_line=True,
+                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+def probe_samples(prompts: Sequence[Prompt], max_new_tokens: int) -> list[TaskSample]:
+    "Needle probes as the suite's samples of task 'needle_probe', scored by ROUGE-1 recall of the needle's answer."
+    return [TaskSample("needle_probe", list(p.ids), [p.answer], max_new_tokens, meta=dict(p.meta)) for p in prompts]
+
 
 # %% ../nbs/20_retrieval_heads.ipynb #39528990
 @dataclass
@@ -209,7 +208,7 @@ def detect_retrieval_heads(model: nn.Module, tok, prompts: Sequence[Prompt], bat
         with attention_hook(model, hook) if backend == "hook" else contextlib.nullcontext():
             gen = decode_batch(model, tok, [p.ids for p in batch], max_new_tokens, hook if backend == "hook" else None, backend=backend, on_step=on_step)
         acc = acc.cpu().numpy()
-        for b, i in enumerate(idx): scores[i] = acc[b]; responses[i] = decode_answer(tok, gen[b])
+        for b, i in enumerate(idx): scores[i] = acc[b]; responses[i] = first_line(tok, gen[b])
     recall = np.array([rouge(p.answer, r) for p, r in zip(prompts, responses)])
     return Detection(scores, recall, responses, [dict(p.meta) for p in prompts], rouge_threshold)
 
@@ -369,8 +368,13 @@ class TaskExample:
             docs.append(f"{head}: {' '.join(sents)}")
         return "\n\n".join(docs) + "\n\n" + self.question
 
-    def score(self, prediction: str) -> float:
-        return citation_f1(prediction, self.gold) if self.task == "summhay" else token_f1(prediction, self.gold)
+    @property
+    def answers(self) -> list:
+        "The gold as the suite's answers: the answer phrase (token F1), or the cited document numbers (citation F1)."
+        return [self.gold] if isinstance(self.gold, str) else list(self.gold)
+
+# the paper's metrics, registered once with the suite's scorers
+TASK_METRICS.update(mdqa="token_f1", musique="token_f1", summhay="citation_f1", needle_probe="rouge1_recall")
 
 CITE_INSTRUCTION = "Answer with the document numbers only, for example [1] [4]."
 QA_INSTRUCTION = "Answer the question with a short phrase from the documents.\nQuestion: "
@@ -651,13 +655,11 @@ def finetune_attention(model: nn.Module, encoded, seq_len: int, steps: int, batc
     return train_lm(model, task_batches(encoded, seq_len, batch_size, pad_id, seed), steps=steps, lr=lr, loss_fn=answer_loss,
                     trainable=attention_only, grad_accum=grad_accum, warmup=warmup, progress=progress, seed=seed)
 
-def evaluate_examples(model: nn.Module, tok, examples: Sequence[TaskExample], batch_size: int = 8, max_new_tokens: int = 24,
-                      prompts: Sequence[Sequence[int]] | None = None, **kw) -> list[dict]:
-    "Greedy answers to `examples` and their scores (token F1, or citation F1 for summhay); `kw` as in generate_answers."
-    if prompts is None: prompts = [p for p, _ in encode_examples(tok, examples)]
-    if len(prompts) != len(examples): raise ValueError(f"{len(prompts)} prompts for {len(examples)} examples")
-    answers = generate_answers(model, tok, prompts, max_new_tokens, batch_size, **kw)
-    return [dict(task=ex.task, f1=ex.score(a), response=a, gold=ex.answer) for ex, a in zip(examples, answers)]
+def task_samples(tok, examples: Sequence[TaskExample], max_new_tokens: int, encoded=None) -> list[TaskSample]:
+    "Examples as the suite's samples: the prompt ids of `encode_examples` (or `encoded`), the gold as answers, the variant in meta."
+    encoded = encode_examples(tok, examples) if encoded is None else encoded
+    if len(encoded) != len(examples): raise ValueError(f"{len(encoded)} encoded prompts for {len(examples)} examples")
+    return [TaskSample(ex.task, list(p), ex.answers, max_new_tokens, meta=dict(variant=ex.variant)) for ex, (p, _) in zip(examples, encoded)]
 
 # %% ../nbs/20_retrieval_heads.ipynb #ed6133c6
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

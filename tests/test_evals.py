@@ -8,7 +8,7 @@ import torch
 from longctx_nb.evals import (RULER_TASKS, DEFAULT_NEEDLES, RulerTasks, TaskSample, accuracy_table, bootstrap_ci, build_niah_prompt,
                               chat_prompt, citation_f1, evaluate, fit_length, greedy_generate, insert_at_sentences, left_pad,
                               line_retrieval_prompts, niah_prompts, normalize_answer, parse_citations, pearson, rouge, sample_window,
-                              spearman, stop_token_ids, string_match_all, token_f1)
+                              score, spearman, stop_token_ids, string_match_all, token_f1)
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -155,9 +155,10 @@ def test_stop_ids_from_tokenizer_template_and_generation_config(tok, smollm):
     assert stop_token_ids(Plain()) == [7] and stop_token_ids() == []
 
 
-def test_greedy_generate_reproduces_the_old_decode_loops_with_head_hooks(tok, smollm):
-    "retrieval_heads.greedy_decode / generate_answers / detect_retrieval_heads at 721d4b8, now through greedy_generate."
-    from longctx_nb.retrieval_heads import HeadHook, generate_answers, detect_retrieval_heads
+def test_greedy_generate_and_evaluate_reproduce_the_old_decode_loops_with_head_hooks(tok, smollm):
+    """retrieval_heads.greedy_decode / generate_answers / detect_retrieval_heads at 721d4b8: plain decoding and detection through
+    greedy_generate; masked and patched answers through evaluate (full attention's cache, the heads' hook around its attention)."""
+    from longctx_nb.retrieval_heads import HeadHook, evaluate_heads, detect_retrieval_heads, probe_samples
     fx = fixture("generation.json")
     text = "\n\n".join(d.text for d in __import__("longctx_nb.data", fromlist=["load_corpus"]).load_corpus("austen", "test"))[:30_000]
     hay = {"austen": np.asarray(tok(text, add_special_tokens=False)["input_ids"])}
@@ -165,16 +166,21 @@ def test_greedy_generate_reproduces_the_old_decode_loops_with_head_hooks(tok, sm
     assert [dict(n=len(p.ids), sha=sha(p.ids)) for p in probes] == fx["probe_meta"]
     prompts = [probes[0].ids, probes[1].ids[40:], probes[2].ids[90:]]
     ids, am = left_pad(prompts, pad_id=tok.pad_token_id or 0)
-    from longctx_nb.retrieval_heads import answer_stop_ids
-    got = greedy_generate(smollm, ids, attention_mask=am, stop_ids=answer_stop_ids(tok), max_new_tokens=12, hook=HeadHook())
+    from longctx_nb.evals import line_stop_ids
+    got = greedy_generate(smollm, ids, attention_mask=am, stop_ids=line_stop_ids(tok), max_new_tokens=12, hook=HeadHook())
     assert got == fx["plain"]
+    samples = [TaskSample("needle_probe", list(p), [probes[0].answer], 12) for p in prompts]
+    def answers(**kw):  # evaluate's rows back in sample order
+        return evaluate_heads(smollm, tok, samples, **kw).sort_values("sample").prediction.tolist()
+    assert answers(batch_size=3) == fx["answers"]
     mask = [(0, 0), (3, 2), (10, 5), (20, 1)]
-    assert generate_answers(smollm, tok, prompts, 12, batch_size=2, mask=mask, mask_mode="zero") == fx["masked_zero"]
+    assert answers(batch_size=3, mask=mask) == fx["masked_uniform"]
+    assert answers(batch_size=2, mask=mask, mask_mode="zero") == fx["masked_zero"]
     donor = copy.deepcopy(smollm); g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in donor.named_parameters():
             if "o_proj" in n: p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    assert generate_answers(smollm, tok, prompts, 12, batch_size=3, donor=donor, patch=[(5, 1), (9, 3), (12, 0)]) == fx["patched"]
+    assert answers(batch_size=3, donor=donor, patch=[(5, 1), (9, 3), (12, 0)]) == fx["patched"] != fx["answers"]
     det = detect_retrieval_heads(smollm, tok, probes[:3], batch_size=3, max_new_tokens=12)  # the first batch of the recorded run
     assert det.responses == fx["detection"]["responses"][:3] and det.recall.tolist() == pytest.approx(fx["detection"]["recall"][:3])
     want = [r for r in fx["detection"]["nonzero"] if r[0] < 3]
@@ -244,7 +250,7 @@ def test_retrieval_heads_examples_keep_their_recorded_prompts(tok):
     "20's realism x diversity generators stay in 20; their prompts now go through evals.chat_prompt and must not change."
     import hashlib as _h
     from longctx_nb.data import load_corpus
-    from longctx_nb.retrieval_heads import encode_examples, make_examples, sentence_pool, task_probe
+    from longctx_nb.retrieval_heads import encode_examples, make_examples, sentence_pool, task_probe, task_samples
     fx = fixture("task_examples.json")
     pools = dict(high=sentence_pool(load_corpus("austen", "train") + load_corpus("aclsum", "train")[:20], tok, max_chars=40_000),
                  real=sentence_pool(load_corpus("aclsum", "validation"), tok))
@@ -255,9 +261,11 @@ def test_retrieval_heads_examples_keep_their_recorded_prompts(tok):
         for ex, (p, f), r in zip(exs, encode_examples(tok, exs), rows):
             assert _h.sha256(ex.user_text().encode()).hexdigest() == r["user_sha"] and (ex.answer, ex.gold) == (r["answer"], r["gold"])
             assert (len(p), sha(p), len(f), sha(f)) == (r["prompt_n"], r["prompt_sha"], r["full_n"], r["full_sha"]), (task, variant)
-            assert ex.score(ex.answer) == r["score_self"]
+            assert score(ex.task, ex.answer, ex.answers) == r["score_self"]
             if "probe_sha" in r:
                 pr = task_probe(tok, ex); assert (sha(pr.ids), list(pr.span)) == (r["probe_sha"], r["probe_span"])
+        for smp, (p, _), r in zip(task_samples(tok, exs, 16), encode_examples(tok, exs), rows):   # the suite's samples: the same prompts
+            assert (smp.task, len(smp.input_ids), sha(smp.input_ids), smp.max_new_tokens) == (task, r["prompt_n"], r["prompt_sha"], 16)
 
 
 def test_evaluate_on_batch_adds_columns_from_the_same_prefill(tok, tiny_llama):

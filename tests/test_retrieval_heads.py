@@ -1,3 +1,4 @@
+import contextlib
 "Retrieval heads (20_retrieval_heads): metrics, token alignment, the hook, detection backends, masking, patching, data, training."
 import json
 import numpy as np
@@ -8,12 +9,12 @@ import torch.nn.functional as F
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET before anything imports triton)
 from longctx_nb.data import Document
 from longctx_nb.models import attention_hook, eager_attention, load_tokenizer
-from longctx_nb.evals import (Needle, Prompt, build_niah_prompt, chat_prompt, citation_f1, insert_at_sentences, pearson, rouge,
+from longctx_nb.evals import (Needle, Prompt, TaskSample, build_niah_prompt, first_line, line_stop_ids, score, chat_prompt, citation_f1, insert_at_sentences, pearson, rouge,
                               token_f1, token_span)
 from longctx_nb.retrieval_heads import (
-    HeadHook, TASKS, VARIANTS, answer_loss, answer_stop_ids, attention_only, attention_state, cosine, decode_batch, detect_retrieval_heads,
-    encode_example, encode_examples, finetune_attention, generate_answers, head_set_relations, last_query_argmax, load_attention_state,
-    make_examples, random_heads, rank_heads, retrieval_heads, sentence_pool, subsequence_span, task_batches, task_probe, top_heads)
+    HeadHook, TASKS, VARIANTS, answer_loss, attention_only, attention_state, cosine, decode_batch, detect_retrieval_heads,
+    encode_example, encode_examples, finetune_attention, evaluate_heads, head_set_relations, last_query_argmax, load_attention_state,
+    make_examples, probe_samples, random_heads, rank_heads, retrieval_heads, sentence_pool, subsequence_span, task_batches, task_probe, top_heads)
 from conftest import tiny_llama_config
 
 
@@ -136,7 +137,9 @@ def test_masking_semantics_and_patching_in_the_hook():
     keep = [0, 2, 3]
     torch.testing.assert_close(uni[:, :, keep], plain[:, :, keep]); torch.testing.assert_close(zero[:, :, keep], plain[:, :, keep])
     prefill = HeadHook(mask=[(3, 1)], mask_mode="zero"); prefill.phase = "prefill"
-    assert torch.equal(prefill(mod, q, k, v, None, scaling=D ** -0.5)[0], plain)  # the original masks while decoding only
+    q3 = torch.randn(B, H, 3, D, generator=g); full, _ = HeadHook()(mod, q3, k, v, None, scaling=D ** -0.5)
+    pre, _ = prefill(mod, q3, k, v, None, scaling=D ** -0.5)      # a prefill masks only its last query (it predicts the answer)
+    assert torch.equal(pre[:, :2], full[:, :2]) and torch.count_nonzero(pre[:, 2, 1]) == 0 and torch.equal(pre[:, 2, keep], full[:, 2, keep])
     donor = HeadHook(capture=[(3, 2)]); donor(mod, q, k, v, None, scaling=D ** -0.5)
     q2 = torch.randn(B, H, 1, D, generator=g)
     rec, _ = HeadHook(patch=[(3, 2)], patch_source=donor)(mod, q2, k, v, None, scaling=D ** -0.5)
@@ -199,21 +202,42 @@ def test_detection_counts_only_retrieved_trials_and_writes_the_original_json():
     assert retrieval_heads(d.head_scores()) == [(1, 1)]
 
 
-def test_masking_and_patching_in_generation(tiny_llama):
-    tt = TinyTok(); ps = random_prompts(2, [10, 14])
-    plain = generate_answers(tiny_llama, tt, ps, 5)
-    all_heads = [(l, h) for l in range(2) for h in range(4)]
-    assert generate_answers(tiny_llama, tt, ps, 5, mask=[], mask_mode="zero") == plain
+class _DecodeMaskOnly(HeadHook):
+    "The hook as it was at 721d4b8: no masking in a prefill (greedy_generate prefills all but the last prompt token, then decodes it)."
+    def __call__(self, *args, **kwargs):
+        if self.phase == "decode": return super().__call__(*args, **kwargs)
+        mask, self.mask = self.mask, {}
+        try: return super().__call__(*args, **kwargs)
+        finally: self.mask = mask
+
+
+def _old_path(model, tok, prompts, n, mask=(), mask_mode="uniform", donor=None, patch=()):
+    "generate_answers before the suite: one padded batch through decode_batch with the old HeadHook as the model's attention."
+    donor_hook = HeadHook(capture=patch) if patch else None
+    hook = _DecodeMaskOnly(mask=mask, mask_mode=mask_mode, patch=patch, patch_source=donor_hook)
+    with attention_hook(model, hook), (attention_hook(donor, donor_hook) if patch else contextlib.nullcontext()):
+        return [first_line(tok, g) for g in decode_batch(model, tok, [p.ids for p in prompts], n, hook, donor=(donor, donor_hook) if patch else None)]
+
+
+def test_masking_and_patching_through_evaluate_equal_the_old_path(tiny_llama):
+    "evaluate decodes from full attention's cache; the heads' hook wrapped around the cache's attention must give the old answers."
     import copy
-    assert generate_answers(tiny_llama, tt, ps, 5, donor=copy.deepcopy(tiny_llama), patch=all_heads) == plain
-    with pytest.raises(ValueError, match="different module"):
-        generate_answers(tiny_llama, tt, ps, 5, donor=tiny_llama, patch=all_heads)
-    other = copy.deepcopy(tiny_llama)
+    tt = TinyTok(); ps = random_prompts(3, [10, 14, 12]); all_heads = [(l, h) for l in range(2) for h in range(4)]
+    other = copy.deepcopy(tiny_llama)              # larger attention weights: heads that move the answers
     with torch.no_grad():
         for n, p_ in other.named_parameters():
             if attention_only(n): p_.add_(torch.randn_like(p_) * 0.5)
-    patched = generate_answers(tiny_llama, tt, ps, 5, donor=other, patch=all_heads)
-    assert patched != plain and patched == generate_answers(tiny_llama, tt, ps, 5, donor=other, patch=all_heads)
+    def new(model, **kw): return evaluate_heads(model, tt, probe_samples(ps, 5), batch_size=3, **kw).sort_values("sample").prediction.tolist()
+    for model in (tiny_llama, other):
+        assert new(model) == _old_path(model, tt, ps, 5)
+        assert new(model, mask=[], mask_mode="zero") == new(model) == new(model, donor=copy.deepcopy(model), patch=all_heads)
+    for mode in ("uniform", "zero"):
+        masked = new(other, mask=all_heads[:6], mask_mode=mode)
+        assert masked == _old_path(other, tt, ps, 5, mask=all_heads[:6], mask_mode=mode) and masked != new(other), mode
+    with pytest.raises(ValueError, match="different module"):
+        new(tiny_llama, donor=tiny_llama, patch=all_heads)
+    patched = new(tiny_llama, donor=other, patch=all_heads[:5])
+    assert patched != new(tiny_llama) and patched == _old_path(tiny_llama, tt, ps, 5, donor=other, patch=all_heads[:5])
 
 
 # ---------------------------------------------------------------- choosing heads
@@ -269,7 +293,7 @@ def test_examples_fit_contain_needles_and_are_deterministic(tok, pools, task, va
         assert all(s in ex.user_text() for s in ex.needles) and ex.needles
         assert (ex.titles is not None) == (variant == "real")
         if task == "summhay": assert set(ex.gold) == {d + 1 for d in ex.needle_docs} and 2 <= len(ex.gold) <= 3
-        else: assert ex.score(ex.answer) == 1.0
+        else: assert score(ex.task, ex.answer, ex.answers) == 1.0
         if variant.endswith("-low"): assert any("Nothing else of note" in s or "week" in s or "quiet" in s or "business" in s or "closed early" in s
                                                 for d in ex.documents for s in d) or task == "summhay"
         if variant.startswith("symbolic"): assert "->" in ex.user_text() or "Signal" in ex.user_text()
@@ -342,7 +366,8 @@ def test_answer_loss_and_attention_only_step(tiny_llama):
 
 
 def test_answers_stop_at_the_end_of_turn_or_a_newline(tok):
-    stops = answer_stop_ids(tok)
+    "evals.line_stop_ids, which 20's answers use (the original stops at a newline)."
+    stops = line_stop_ids(tok)
     assert {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} <= stops
     assert all(i in stops for i in tok("a\nb\n\n", add_special_tokens=False)["input_ids"] if "\n" in tok.decode([i]))
     assert tok("Lisbon", add_special_tokens=False)["input_ids"][0] not in stops
