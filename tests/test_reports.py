@@ -255,7 +255,8 @@ def tensorized_models_proofs_and_checks(d):
     assert dec.causal.tolist() == ["dominance", "complete"] and (dec.max_logit_diff < 1e-3).all()
     assert dec.aggregate_rows_computed.iloc[1] == dec.stored_rows.iloc[1] and dec.stored_rows.iloc[1] % 8 == 0 and dec.stored_rows.iloc[1] < dec.stored_rows.iloc[0]
     ops = read(d, "op_counts")
-    assert len(ops) == 5 and (ops.rope_tables_built_in_a_warm_forward == 0).all()
+    assert len(ops) == 7 and (ops.rope_tables_built_in_a_warm_forward == 0).all()
+    assert (ops.triton_launches_per_layer == [2.0 if "(triton)" in name else 0.0 for name in ops.model]).all()   # one launch per hop (8 x 8)
 
 
 @check("11_tensorized_models")
