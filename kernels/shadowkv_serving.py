@@ -1,4 +1,4 @@
-"""ShadowKV against full attention at serving speed (issue 14, part 3): one context per process, both methods decoding through
+"""ShadowKV against full attention at serving speed: one context per process, both methods decoding through
 CUDA graphs (notebook 51's StaticDecoder) at the largest batch that fits, on the Llama-3-8B-shaped random model. Rows: full
 attention; ShadowKV paper-faithful (bf16 values in page-locked host memory); fp8 values; each of those with the values of as many
 layers as fit moved to HBM (the count from the memory model); the faithful row and the best fp8 row again as two half-batches
