@@ -91,3 +91,6 @@ gpu-bundle: install
 	cd .gpu/assets && for w in *.whl; do if [ $$(stat -c %s $$w) -gt 44000000 ]; then split -b 44000000 -d $$w $$w.part && rm $$w; fi; done
 	$(BIN)/python -c "from longctx_nb.data import austen_novels, cache_dir; austen_novels()"
 	gzip -c "$$($(BIN)/python -c "from longctx_nb.data import cache_dir; print(cache_dir('corpora') / 'austen.json')")" > .gpu/austen.json.gz
+	# a test wheel over 30 MB (spaCy) travels alone: .gpu/whl-big; then the manifest stash.sh checks the GPU machine's ~/stash against
+	mkdir -p .gpu/whl-big && find .gpu/whl-test -name '*.whl' -size +30M -exec mv -f {} .gpu/whl-big/ \;
+	cd .gpu && find whl whl-test whl-big assets gguf.part* austen.json.gz -type f | sort > MANIFEST

