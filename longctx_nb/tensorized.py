@@ -878,8 +878,9 @@ def _bench_ours(make, shape, causal: str, bwd: bool, reps: int, warmup: int, nee
 
 def _bench_sdpa(make, L: int, H: int, Hkv: int, bwd: bool, reps: int, warmup: int, budget_s: float, need: float, mem_cap: float,
                 pts: list, cuda: bool) -> dict:
-    """SDPA (flash backend on CUDA, math elsewhere), causal, timed while its predicted time (quadratic fit of this mode's measured
-    (L, ms) in `pts`, appended to) x reps fits `budget_s`; beyond, with fewer reps, or extrapolated and labelled so."""
+    """SDPA (flash backend on CUDA in fp16/bf16, memory-efficient on CUDA in fp32, which flash lacks; math elsewhere), causal, timed
+    while its predicted time (quadratic fit of this mode's measured (L, ms) in `pts`, appended to) x reps fits `budget_s`; beyond,
+    with fewer reps, or extrapolated and labelled so. The backend used is the row's `sdpa_backend`."""
     from torch.nn.attention import sdpa_kernel, SDPBackend
     predicted = np.mean([t / (l * l) for l, t in pts[-2:]]) * L * L if pts else None
     r_sdpa = max(1, int(budget_s / (predicted * 1e-3)) - 1) if predicted is not None and predicted * 1e-3 * (reps + warmup) > budget_s else reps
@@ -889,11 +890,12 @@ def _bench_sdpa(make, L: int, H: int, Hkv: int, bwd: bool, reps: int, warmup: in
     try:
         q, k, v = make()
         kk, vv = (repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)) if Hkv != H else (k, v)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda else sdpa_kernel(SDPBackend.MATH):
+        backend = (SDPBackend.FLASH_ATTENTION if q.dtype in (torch.float16, torch.bfloat16) else SDPBackend.EFFICIENT_ATTENTION) if cuda else SDPBackend.MATH
+        with sdpa_kernel(backend):
             r = _time_op(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, kk, vv, bwd, r_sdpa,
                          min(warmup, 1) if r_sdpa < reps else warmup, peak=r_sdpa == reps)
         pts.append((L, r["ms"]))
-        return dict(sdpa_ms=r["ms"], sdpa_peak_gib=r.get("peak_gib", float("nan")),
+        return dict(sdpa_ms=r["ms"], sdpa_peak_gib=r.get("peak_gib", float("nan")), sdpa_backend=backend.name.lower(),
                     sdpa_note="measured" if r_sdpa == reps else f"measured ({r_sdpa} reps)")
     except torch.cuda.OutOfMemoryError: return fallback("out of memory; ")
     finally:
@@ -904,7 +906,7 @@ def benchmark_vs_sdpa(lengths: Sequence[int], B: int = 1, H: int = 32, Hkv: int 
                       dtype: torch.dtype = torch.bfloat16, modes: Sequence[str] = ("fwd", "fwd+bwd"), shape_for=None,
                       reps: int = 10, warmup: int = 3, sdpa_budget_s: float = 15.0, mem_fraction: float = 0.85,
                       device=None, peaks: DevicePeaks | None = None, causal: bool | str | Sequence = "dominance", log=print) -> "pd.DataFrame":
-    """Median ms of tensorized attention (Triton on CUDA, the reference elsewhere) vs SDPA (flash backend on CUDA, causal), one row per
+    """Median ms of tensorized attention (Triton on CUDA, the reference elsewhere) vs SDPA (causal; flash backend on CUDA in half precision: `_bench_sdpa`), one row per
     (L, mode, mask mode). `causal`: a mask mode or a sequence of them (`causal_mode`); all are compared with the same SDPA measurement.
     SDPA runs only while its predicted time (quadratic fit of the measured lengths) x (reps + warmup) fits `sdpa_budget_s`;
     otherwise its time is extrapolated from the fit and labelled so. Configurations predicted to exceed `mem_fraction` of GPU
