@@ -525,15 +525,16 @@ class Part:
         return [v for v in registry.values() if v.family in self.families or v.name in self.names or v.name.startswith(tuple(self.prefixes))]
 
 def expected_rows(parts: Sequence[Part], registry: Mapping[str, Variant], keys: Sequence[tuple], n_texts: int) -> dict:
-    "The rows a complete run writes: (variant, task, length, index) per sample and (variant, text) per held-out text, each with its part."
+    "The rows a complete run writes: (variant, task, length, index) per sample and (variant, text) per held-out text, each with its part and what its variant needs."
     import pandas as pd
     s, t = [], []
     for p in parts:
         for v in p.select(registry):
-            s += [dict(variant=v.name, family=v.family, task=k[0], length=k[1], index=k[2], part=p.name) for k in keys if p.lengths is None or k[1] in p.lengths]
-            if p.ppl: t += [dict(variant=v.name, family=v.family, text=i, part=p.name) for i in range(n_texts)]
-    out = dict(scores=pd.DataFrame(s, columns=["variant", "family", "task", "length", "index", "part"]),
-               texts=pd.DataFrame(t, columns=["variant", "family", "text", "part"]))
+            tag = dict(variant=v.name, family=v.family, part=p.name, needs="; ".join(v.needs))
+            s += [dict(tag, task=k[0], length=k[1], index=k[2]) for k in keys if p.lengths is None or k[1] in p.lengths]
+            if p.ppl: t += [dict(tag, text=i) for i in range(n_texts)]
+    out = dict(scores=pd.DataFrame(s, columns=["variant", "family", "task", "length", "index", "part", "needs"]),
+               texts=pd.DataFrame(t, columns=["variant", "family", "text", "part", "needs"]))
     for kind, on in (("scores", ["variant", "task", "length", "index"]), ("texts", ["variant", "text"])):
         dup = out[kind][out[kind].duplicated(on, keep=False)]
         if len(dup): raise ValueError(f"parts overlap: {kind} rows assigned to several parts, e.g. {dup.head(2).to_dict('records')}")
@@ -564,7 +565,8 @@ SCORE_COLUMNS = ("variant", "family", "task", "length", "index", "prompt_tokens"
 TEXT_COLUMNS = ("variant", "family", "text", "corpus", "n_tokens", "n_key", "status", "nll_sum", "key_nll_sum", "seconds")
 
 def merge_parts(found: Mapping[str, Mapping], expected: Mapping) -> dict:
-    """Join the parts' rows; a row scored twice is an error; every expected row no part wrote is added with status 'not run: part <p>'.
+    """Join the parts' rows; a row scored twice is an error; every expected row no part wrote is added with status
+    'not run: part <p>', and what its variant needs where it says.
     The tables always carry the columns a part writes (`SCORE_COLUMNS`, `TEXT_COLUMNS`; NaN where no part wrote them)."""
     import pandas as pd
     out = {}
@@ -576,7 +578,9 @@ def merge_parts(found: Mapping[str, Mapping], expected: Mapping) -> dict:
         exp = expected[kind]
         miss = exp.merge(got[on], on=on, how="left", indicator=True)
         miss = miss[miss._merge == "left_only"].drop(columns="_merge")
-        miss = miss.assign(status=[f"not run: part {p}" for p in miss.part])
+        needs = miss["needs"].fillna("") if "needs" in miss else [""] * len(miss)
+        miss = miss.assign(status=[f"not run: part {p}" + (f" (needs {w})" if w else "") for p, w in zip(miss.part, needs)])
+        miss = miss.drop(columns="needs", errors="ignore")
         out[kind] = pd.concat([got, miss], ignore_index=True) if len(miss) else got
         cols = SCORE_COLUMNS if kind == "scores" else TEXT_COLUMNS
         out[kind] = out[kind].reindex(columns=list(dict.fromkeys([*cols, *out[kind].columns])))

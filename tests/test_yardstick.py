@@ -291,6 +291,11 @@ def test_a_merge_without_parts_marks_every_row_not_run():
     assert len(m["texts"]) == 2 and m["texts"].nll_sum.isna().all()
     table = variant_summary(m["scores"], m["texts"], reg, n_boot=10)
     assert table.status.tolist() == ["not run: part kv"] and np.isnan(table.accuracy.iloc[0])
+    # a variant that needs an input says what, so a table row not run names what would run it
+    reg = {"CPT": Variant("CPT", "tensorized", "s", ("cpt_dir with 11's full.pt",), build=lambda env: None)}
+    m = merge_parts({}, expected_rows([Part("tensorized", families=("tensorized",))], reg, [("t", 8, 0)], 1))
+    assert m["scores"].status.tolist() == m["texts"].status.tolist() == ["not run: part tensorized (needs cpt_dir with 11's full.pt)"]
+    assert "needs" not in m["scores"] and "needs" not in m["texts"]
 
 
 def test_a_text_only_part_loads_and_merges(tmp_path):
