@@ -1,8 +1,10 @@
 """ShadowKV against full attention at serving speed: one context per process, both methods decoding through
 CUDA graphs (notebook 51's StaticDecoder) at the largest batch that fits, on the Llama-3-8B-shaped random model. Rows: full
 attention; ShadowKV paper-faithful (bf16 values in page-locked host memory); fp8 values; each of those with the values of as many
-layers as fit moved to HBM (the count from the memory model); the faithful row and the best fp8 row again as two half-batches
-stepped in one graph on two streams (PairedDecoder: one half's PCIe reads overlap the other's GPU work). Per row: batch, ms/step, tok/s, ratio to full attention's best,
+layers as fit moved to HBM (the count from the memory model); the batch and placement chosen together (notebook 51's
+serving_point, its step model fitted to the two rows before it: the predicted ms stands beside the measured); the faithful row with
+the SM-light value kernel (--fetch-programs); the faithful row and the best fp8 row again as two half-batches stepped in one graph
+(PairedDecoder: layers interleaved, one fetch stream, the SM-light kernel: one half's PCIe reads overlap the other's GPU work). Per row: batch, ms/step, tok/s, ratio to full attention's best,
 GPU busy share (union of device activity over the step), kernels per step, measured hit rate, PCIe GB per step (misses of the
 host-resident layers), GPU and host bytes per sequence. Batches: the caps computed from the memory model (GPU: free memory after
 the weights over the per-sequence bytes plus a workspace; host: MemAvailable less a reserve), then probed downward on the GPU
@@ -49,6 +51,7 @@ def add_args(ap):
     ap.add_argument("--placement-margin-gb", type=float, default=4.0, help="GPU memory kept free when choosing how many layers' values go to HBM")
     ap.add_argument("--probe", type=int, default=4, help="batches tried below the computed GPU cap before giving up")
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--fetch-programs", type=int, default=16, help="programs of the SM-light value kernel (its rows and the pairs)")
     ap.add_argument("--sensitivity", action="store_true", help="also tok/s at injected hit rates 0, 0.25, 0.5, 0.75, 0.9 (sensitivity only)")
     ap.add_argument("--tiny", action="store_true", help="a toy model on CPU: checks the script, measures nothing of interest")
 
@@ -118,17 +121,19 @@ def measure(lib, a) -> Measured:
     st = lambda **kw: skv.ShadowKVConfig(budget=budget, rank=a.rank, min_prefill=min(1024, a.context), reserve_tokens=max_new, **kw)
     rows, sens, checks = [], [], []
 
-    def run_rows(label, method, settings, placements):
-        "Build at the largest batch that fits (computed, then probed), measure, then each placement on the same cache."
+    def run_rows(label, method, settings, placements, at=None, predicted_ms=float("nan")):
+        """Build at the largest batch that fits (computed, then probed), measure, then each placement on the same cache. `at`:
+        (batch, hbm layers) built so from the start (the joint choice: its values may exceed the host cap with no placement)."""
         fp = thr.footprint(cfg, a.context, method, settings, dtype_bytes=dtype_bytes, reserve_tokens=max_new)
         caps = thr.batch_caps(fp, gpu_free, host_free, workspace, max_batch=a.max_batch)
-        for batch in range(caps["cap"], max(0, caps["cap"] - a.probe), -1):
+        first = caps["cap"] if at is None else at[0]
+        for batch in range(first, max(0, first - a.probe), -1):
             cache = dec = None
             try:
-                thr.require_batch_fits(batch, fp, gpu_free, host_free, workspace)
-                cache = thr.constructed_cache(model, rec, batch, method, settings, reserve_tokens=max_new)
-                for n_hbm in placements(batch):
-                    if n_hbm:
+                if at is None: thr.require_batch_fits(batch, fp, gpu_free, host_free, workspace)
+                cache = thr.constructed_cache(model, rec, batch, method, settings, reserve_tokens=max_new, hbm_layers=0 if at is None else at[1])
+                for n_hbm in (placements(batch) if at is None else [at[1]]):
+                    if n_hbm and at is None:
                         try: thr.place_values_on_gpu(cache, n_hbm)
                         except torch.OutOfMemoryError:            # the faithful row stands; say the placement did not fit
                             rows.append(dict(method=f"{label}, {n_hbm} layers' values in HBM", context=a.context, batch=batch,
@@ -142,12 +147,13 @@ def measure(lib, a) -> Measured:
                     row_bytes = settings.chunk_size * cfg.head_dim * (1 if settings.value_dtype == "fp8" else dtype_bytes) if settings else 0
                     pcie = (1 - hit) * dec.lookups_per_step * row_bytes * (L - n_hbm) / L / 1e9 if settings else 0.0
                     moved = fp["host"] * n_hbm / L if settings else 0.0
-                    rows.append(dict(method=label + (f", {n_hbm} layers' values in HBM" if n_hbm else ""), context=a.context, batch=batch,
+                    name = label + (f", {n_hbm} layers' values in HBM" if n_hbm and at is None else "")
+                    rows.append(dict(method=name, context=a.context, batch=batch, predicted_ms=predicted_ms if at is not None else float("nan"),
                                      gpu_cap=caps["gpu_cap"], host_cap=caps["host_cap"], hbm_value_layers=n_hbm, **t, **prof,
                                      hit_rate=hit, pcie_GB_per_step=pcie, gpu_GB_per_seq=(fp["gpu"] + moved) / 1e9,
                                      host_GB_per_seq=(fp["host"] - moved) / 1e9, graphs=dec.graph is not None, status="ok"))
                     print(rows[-1], flush=True)
-                    if a.sensitivity and settings is not None and n_hbm == 0 and settings.value_dtype == "auto":
+                    if a.sensitivity and settings is not None and at is None and n_hbm == 0 and settings.value_dtype == "auto" and settings.fetch_programs is None:
                         for h in (0.0, 0.25, 0.5, 0.75, 0.9):
                             dec = None; free_memory(); cache_reset(cache)
                             dec = thr.StaticDecoder(model, cache, batch, max_new, graphs=cuda, warmup=warm, inject_hit_rate=h, benchmark=True)
@@ -164,6 +170,22 @@ def measure(lib, a) -> Measured:
                 if cache is not None: cache.detach()
                 del cache; free_memory()
         checks.append(f"{label}: no batch from {caps['cap']} down {a.probe} builds and decodes")
+
+    def run_joint(label, settings, weight_ms):
+        "The batch and placement chosen together (serving_point), its step model fitted to this setting's two rows just measured."
+        ok = [r for r in rows if r.get("status") == "ok" and r["method"].startswith(label) and "joint" not in r["method"]]
+        host = next((r for r in ok if r["hbm_value_layers"] == 0), None)
+        placed = next((r for r in ok if r["hbm_value_layers"] > 0 and host is not None and r["batch"] == host["batch"]), None)
+        if not cuda or host is None or placed is None: return
+        try: model_ = thr.fit_step_model(host["batch"], host["ms_per_step"], placed["ms_per_step"], host["pcie_GB_per_step"],
+                                         placed["hbm_value_layers"], cfg.num_hidden_layers, weight_ms)
+        except ValueError as e: print(f"{label}: no step model ({e}); no joint row", flush=True); return
+        pt = thr.serving_point(cfg, a.context, settings, gpu_free - a.placement_margin_gb * 2**30, host_free, model_, workspace, dtype_bytes, a.max_batch)
+        print(f"{label}: joint choice batch {pt['batch']}, {pt['hbm_value_layers']} HBM layers, predicted {pt['predicted_ms']:.1f} ms "
+              f"({pt['predicted_tok_s']:.0f} tok/s); step model {model_}", flush=True)
+        if (pt["batch"], pt["hbm_value_layers"]) == (placed["batch"], placed["hbm_value_layers"]): placed["predicted_ms"] = pt["predicted_ms"]; return
+        run_rows(f"{label}, joint batch and placement ({pt['hbm_value_layers']} layers' values in HBM)", "shadowkv", settings, None,
+                 at=(pt["batch"], pt["hbm_value_layers"]), predicted_ms=pt["predicted_ms"])
 
     def cache_reset(cache):
         "A new decoder over a cache another decoder used: its buffers' lengths are still the prefill's (no finish()), the slots empty."
@@ -206,11 +228,15 @@ def measure(lib, a) -> Measured:
     t_start = time.perf_counter()
     run_rows("full attention", "full", None, lambda b: [0])
     faithful, fp8 = "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"
-    run_rows(faithful, "shadowkv", st(), placements_for(st()))
-    run_rows(fp8, "shadowkv", st(value_dtype="fp8"), placements_for(st(value_dtype="fp8")))
-    run_paired(f"{faithful}, two half-batches overlapped", st(), faithful)
-    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok"]
-    run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8"), placed_fp8[0] if placed_fp8 else fp8)
+    weight_ms = weight_bytes / (thr.hbm_bandwidth(dev) * 1e9) * 1e3 if cuda else 0.0     # the weights' read per step (a copy's bytes moved per second)
+    for label, kw in ((faithful, {}), (fp8, dict(value_dtype="fp8"))):
+        run_rows(label, "shadowkv", st(**kw), placements_for(st(**kw)))
+        run_joint(label, st(**kw), weight_ms)
+    light = dict(fetch_programs=a.fetch_programs)
+    run_rows(f"{faithful}, SM-light fetch ({a.fetch_programs} programs)", "shadowkv", st(**light), lambda b: [0])
+    run_paired(f"{faithful}, two half-batches overlapped", st(**light), faithful)
+    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok" and "joint" not in r["method"]]
+    run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8", **light), placed_fp8[0] if placed_fp8 else fp8)
     table = pd.DataFrame(rows)
     if len(table):
         full_best = table[(table.method == "full attention") & (table.status == "ok")].tok_s.max()

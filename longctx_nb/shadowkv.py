@@ -46,6 +46,8 @@ class ShadowKVConfig:
     value_fetch: str = "auto"                 # CUDA + offloaded values: "uva" (a kernel reads pinned host memory), "staged" (CPU gather +
                                               # copy), "auto" (uva, or staged with a warning where the kernel cannot read host memory)
     reserve_tokens: int = 64                  # GPU rows reserved per layer for generated tokens (then the decode region grows geometrically)
+    fetch_programs: int | None = None         # the zero-copy value kernel's grid: None, one program per chunk (every SM); an int, that
+                                              # many programs of 8 chunks at a time (SM-light: other kernels run beside it)
 
     def __post_init__(self):
         b = self.budget
@@ -64,6 +66,8 @@ class ShadowKVConfig:
         if self.value_dtype not in ("auto", "fp8"): raise ValueError(f"value_dtype must be 'auto' or 'fp8', got {self.value_dtype!r}")
         if self.value_fetch not in ("auto", "uva", "staged"): raise ValueError(f"value_fetch must be 'auto', 'uva' or 'staged', got {self.value_fetch!r}")
         if not isinstance(self.reserve_tokens, int) or self.reserve_tokens < 0: raise ValueError(f"reserve_tokens must be an int >= 0, got {self.reserve_tokens!r}")
+        p = self.fetch_programs
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1): raise ValueError(f"fetch_programs must be None or an int >= 1, got {p!r}")
 
 @dataclass(frozen=True)
 class ShadowKVLayout:
@@ -446,18 +450,60 @@ def _gather_chunks_fwd(SRC, SCALE, IDS, SLOTS, CNT, OUT, HKV, NCH, si_b, si_h, s
             x = x.to(tl.float32) * sc
         tl.store(dst + e, x.to(OUT.dtype.element_ty), mask=m)
 
-def gather_chunks(src, scale, ids, slots, counts, out, chunk_size: int):
-    "The Triton value fetch (see `gather_chunks_ref`); `src` may live in page-locked host memory (read over PCIe) or on the GPU."
+@triton.jit
+def _gather_chunks_persistent(SRC, SCALE, IDS, SLOTS, CNT, OUT, HKV, NCH, K, TOTAL, si_b, si_h, si_n, so_b, so_h,
+                              ROW: tl.constexpr, BLOCK: tl.constexpr, CPI: tl.constexpr, ITERS: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # a fixed grid of P programs; each takes CPI listed chunks per iteration (CPI*ROW elements in flight) and ITERS iterations,
+    # so a few SMs keep the PCIe link busy and the others stay free for kernels running beside it. ITERS is a constexpr: the
+    # loop bound must be a Python int for the CPU interpreter.
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    c = tl.arange(0, CPI)
+    e = tl.arange(0, BLOCK)
+    for t in range(ITERS):
+        w = (t * P + pid) * CPI + c                   # flat (batch*kv head, listed chunk) items
+        ok = w < TOTAL
+        bh = w // K
+        i = w % K
+        b = (bh // HKV).to(tl.int64)
+        h = (bh % HKV).to(tl.int64)
+        live = ok & (i < tl.load(CNT + bh, mask=ok, other=0))
+        cid = tl.load(IDS + b * si_b + h * si_h + i * si_n, mask=live, other=0).to(tl.int64)
+        slot = tl.load(SLOTS + b * si_b + h * si_h + i * si_n, mask=live, other=0).to(tl.int64)
+        chunk = (b * HKV + h) * NCH + cid
+        src = SRC + chunk * ROW
+        dst = OUT + b * so_b + h * so_h + slot * ROW
+        if HAS_SCALE:
+            sc = tl.load(SCALE + chunk, mask=live, other=1.0)
+        for off in range(0, ROW, BLOCK):
+            m = live[:, None] & ((off + e) < ROW)[None, :]
+            x = tl.load(src[:, None] + (off + e)[None, :], mask=m, other=0.0)
+            if HAS_SCALE:
+                x = x.to(tl.float32) * sc[:, None]
+            tl.store(dst[:, None] + (off + e)[None, :], x.to(OUT.dtype.element_ty), mask=m)
+
+def gather_chunks(src, scale, ids, slots, counts, out, chunk_size: int, programs: int | None = None, chunks_per_iter: int = 8):
+    """The Triton value fetch (see `gather_chunks_ref`); `src` may live in page-locked host memory (read over PCIe) or on the GPU.
+    `programs=None`: one program per (batch, kv head, listed chunk), which fills every SM while it waits on PCIe; an int: that many
+    programs, each copying `chunks_per_iter` chunks at a time (the SM-light fetch, so other kernels can run beside it)."""
     B, Hkv, N, row = _check_gather_args(src, scale, ids, slots, counts, out, chunk_size)
     if not src.is_contiguous(): raise ValueError("src must be contiguous")
     if out.stride(3) != 1 or out.stride(2) != out.shape[3]: raise ValueError("out's rows must be contiguous (a slot's C rows of D in one run)")
+    if programs is not None and (not isinstance(programs, int) or programs < 1): raise ValueError(f"programs must be None or an int >= 1, got {programs!r}")
     k = ids.shape[2]
     if k == 0 or B * Hkv == 0: return out
     ids, slots = ids.contiguous(), slots.contiguous()
     cnt = counts.to(torch.int32).contiguous()
-    _gather_chunks_fwd[(B * Hkv, k)](src, scale if scale is not None else cnt, ids, slots, cnt, out, Hkv, N,
-                                     ids.stride(0), ids.stride(1), ids.stride(2), out.stride(0), out.stride(1),
-                                     ROW=row, BLOCK=min(1024, triton.next_power_of_2(row)), HAS_SCALE=scale is not None)
+    sc, block = scale if scale is not None else cnt, min(1024, triton.next_power_of_2(row))
+    if programs is None:
+        _gather_chunks_fwd[(B * Hkv, k)](src, sc, ids, slots, cnt, out, Hkv, N, ids.stride(0), ids.stride(1), ids.stride(2),
+                                         out.stride(0), out.stride(1), ROW=row, BLOCK=block, HAS_SCALE=scale is not None)
+        return out
+    total, cpi = B * Hkv * k, triton.next_power_of_2(max(1, chunks_per_iter))
+    p = min(programs, triton.cdiv(total, cpi))
+    _gather_chunks_persistent[(p,)](src, sc, ids, slots, cnt, out, Hkv, N, k, total, ids.stride(0), ids.stride(1), ids.stride(2),
+                                    out.stride(0), out.stride(1), ROW=row, BLOCK=block, CPI=cpi, ITERS=triton.cdiv(total, p * cpi),
+                                    HAS_SCALE=scale is not None)
     return out
 
 # %% ../nbs/50_shadowkv.ipynb #35082d8c
@@ -638,7 +684,7 @@ class ShadowKVCache(HookedKVCache):
         "The missing chunks' values, read from page-locked host memory by `gather_chunks` on the current stream; no host sync."
         B, Hkv, k = miss_ids.shape
         try:
-            gather_chunks(v_host, v_scale, miss_ids, miss_slots, n_miss, sel_v, chunk_size)
+            gather_chunks(v_host, v_scale, miss_ids, miss_slots, n_miss, sel_v, chunk_size, programs=self.settings.fetch_programs)
         except (ValueError, RuntimeError) as e:
             if self.settings.value_fetch == "uva" or "Pointer argument" not in str(e): raise
             self.warn_once("uva", f"the value kernel cannot read page-locked host memory here ({e}); using the staged copy (value_fetch='staged')")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #45ba2e12
 from __future__ import annotations
-import gc, math, time, itertools, warnings
+import gc, math, time, itertools, warnings, contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -21,7 +21,7 @@ from .shadowkv import (ShadowKV, ShadowKVCache, ShadowKVConfig, ShadowKVLayer, s
 __all__ = ['LLAMA3_8B', 'llama_config', 'random_llama', 'hbm_bandwidth', 'h2d_bandwidth', 'uva_gather_bandwidth', 'footprint',
            'host_available_bytes', 'batch_caps', 'require_batch_fits', 'synthetic_prefill', 'constructed_cache',
            'decode_speed', 'StaticDecoder', 'fast_generate', 'hbm_value_layers', 'place_values_on_gpu', 'PairedDecoder',
-           'predicted_step_ms', 'equivalent_bandwidth']
+           'predicted_step_ms', 'equivalent_bandwidth', 'StepModel', 'fit_step_model', 'serving_point']
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #5a64268d
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -62,8 +62,8 @@ def h2d_bandwidth(device, nbytes: int = 2**30) -> float:
     return nbytes / ms / 1e6
 
 def uva_gather_bandwidth(device, B: int = 8, Hkv: int = 8, n_chunks: int = 15360, k: int = 256, row: int = 1024,
-                         dtype: torch.dtype = torch.bfloat16) -> float:
-    "GB/s of `gather_chunks` fetching k random chunks per (sequence, kv head) from page-locked host memory (all misses)."
+                         dtype: torch.dtype = torch.bfloat16, programs: int | None = None) -> float:
+    "GB/s of `gather_chunks` fetching k random chunks per (sequence, kv head) from page-locked host memory (all misses; `programs`: its grid)."
     from longctx_nb.shadowkv import gather_chunks
     g = torch.Generator().manual_seed(0)
     src = host_empty((B, Hkv, n_chunks, row), dtype, pin=True, fill=lambda t: t.fill_(0.5))   # the values do not change a copy's speed
@@ -71,7 +71,7 @@ def uva_gather_bandwidth(device, B: int = 8, Hkv: int = 8, n_chunks: int = 15360
     slots = torch.arange(k, device=device).expand(B, Hkv, k).contiguous()
     counts = torch.full((B, Hkv), k, device=device)
     out = torch.empty(B, Hkv, k * 8, row // 8, dtype=dtype, device=device)
-    ms = benchmark(lambda: gather_chunks(src, None, ids, slots, counts, out, 8), warmup=3, reps=10)["median_ms"]
+    ms = benchmark(lambda: gather_chunks(src, None, ids, slots, counts, out, 8, programs=programs), warmup=3, reps=10)["median_ms"]
     return B * Hkv * k * row * src.element_size() / ms / 1e6
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #4215e5b9
@@ -139,8 +139,10 @@ def synthetic_prefill(model: nn.Module, context: int, rank: int, noise: float = 
 
 @torch.no_grad()
 def constructed_cache(model: nn.Module, record: PrefillRecord, batch: int, method: str, settings: ShadowKVConfig | None = None,
-                      reserve_tokens: int = 64):
-    "A cache attached to `model` holding `batch` copies of `record`'s prefill in every layer ('full' or 'shadowkv' at `settings`)."
+                      reserve_tokens: int = 64, hbm_layers: int = 0):
+    """A cache attached to `model` holding `batch` copies of `record`'s prefill in every layer ('full' or 'shadowkv' at `settings`);
+    ShadowKV's first `hbm_layers` layers keep their values on the GPU, moved there before the batch is repeated (so the host never
+    holds the batch's copies of them)."""
     L = model.config.num_hidden_layers
     kv = (FullKV(reserve_tokens=reserve_tokens) if method == "full"
           else ShadowKV(**{f.name: getattr(settings, f.name) for f in fields(ShadowKVConfig)}))
@@ -152,6 +154,7 @@ def constructed_cache(model: nn.Module, record: PrefillRecord, batch: int, metho
         if method != "full":
             for layer in cache.layers: layer.U, layer.SV = layer.U.clone(), layer.SV.clone()   # each layer owns its factors
             record.memo.clear()
+            if hbm_layers: place_values_on_gpu(cache, hbm_layers)
         cache.batch_repeat_interleave(batch)
     except BaseException:
         cache.detach(); raise
@@ -227,7 +230,7 @@ def _static_sparse_fill(layer: ShadowKVLayer, query: torch.Tensor, scaling: floa
     if query.is_cuda:
         main, side = torch.cuda.current_stream(), o.side_stream(query.device)
         side.wait_stream(main)
-        with torch.cuda.stream(side): gather_chunks(layer.v_host, layer.v_scale, miss_ids, miss_slots, n_miss, sel_v, C)
+        with torch.cuda.stream(side): gather_chunks(layer.v_host, layer.v_scale, miss_ids, miss_slots, n_miss, sel_v, C, programs=o.settings.fetch_programs)
         o.rebuild_keys(layer.U, layer.SV, layer.positions, miss_ids, C, miss_slots, n_miss, sel_k)
         main.wait_stream(side)
     else:
@@ -298,13 +301,20 @@ class StaticDecoder:
     @torch.no_grad()
     def _step(self):
         "One decode step: `self.tokens` [B, 1] in, greedy `self.next_tokens` out, the step index advanced (all on the device)."
+        with attention_hook(self.model, self._attention):
+            for _ in self._layer_steps(): pass
+
+    @torch.no_grad()
+    def _layer_steps(self):
+        """The step as a generator that yields after each decoder layer, so two decoders can issue their layers interleaved
+        (`PairedDecoder`). Whoever drives it installs this decoder's attention hook around each resumption."""
         m = self.model.model
         h = m.embed_tokens(self.tokens)
         pos = (self.pos0 + self.step_idx).expand(self.batch, 1)
         pe = m.rotary_emb(h, pos)
-        with attention_hook(self.model, self._attention):
-            for layer in m.layers[: self.model.config.num_hidden_layers]:
-                h = layer(h, attention_mask=None, position_ids=pos, past_key_values=self, use_cache=True, position_embeddings=pe)
+        for layer in m.layers[: self.model.config.num_hidden_layers]:
+            h = layer(h, attention_mask=None, position_ids=pos, past_key_values=self, use_cache=True, position_embeddings=pe)
+            yield
         self.next_tokens.copy_(self.model.lm_head(m.norm(h)).argmax(-1))
         self.step_idx.add_(1)
 
@@ -402,21 +412,27 @@ def place_values_on_gpu(cache: ShadowKVCache, n_layers: int) -> ShadowKVCache:
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #df32eebf
 class PairedDecoder:
-    """Two `StaticDecoder`s over two caches (the halves of a batch) stepped together. On CUDA one graph holds both steps on two
-    streams, so the GPU runs them concurrently: one half's zero-copy value reads (PCIe) overlap the other half's HBM-bound work
-    (keys, attention, the weights' GEMMs). On CPU the halves run one after the other (the reference the overlap must equal)."""
+    """Two `StaticDecoder`s over two caches (the halves of a batch) stepped together, their layers issued interleaved (half 0's
+    layer i, half 1's layer i, half 0's layer i+1, ...). On CUDA one graph holds both steps: each half computes on its own stream,
+    and both halves' value fetches go to one shared fetch stream in that order, so the PCIe link passes back and forth: half 1's
+    layer-i values are read while half 0 computes layer i, and half 0's layer-(i+1) values while half 1 computes. With
+    `fetch_programs` set (the SM-light gather) the computing half has the SMs the fetch leaves. On CPU the same interleaved order
+    runs eagerly (the reference the overlap must equal)."""
     def __init__(self, model: nn.Module, caches, max_new_tokens: int, graphs: bool = False, warmup: int = 2):
         if len(caches) != 2: raise ValueError(f"a paired decoder takes two caches (the halves of a batch), got {len(caches)}")
         self.halves = [StaticDecoder(model, c, c.layers[0].buf.k.shape[0], max_new_tokens) for c in caches]
-        if graphs and self.halves[0].device.type != "cuda": raise ValueError(f"CUDA graph capture needs the model on a CUDA device; it is on {self.halves[0].device}")
-        self.split = self.halves[0].batch
+        dev = self.halves[0].device
+        if graphs and dev.type != "cuda": raise ValueError(f"CUDA graph capture needs the model on a CUDA device; it is on {dev}")
+        self.model, self.split = model, self.halves[0].batch
         self.batch, self.max_new_tokens, self.steps_taken = self.split + self.halves[1].batch, max_new_tokens, 0
         self.lookups_per_step = sum(h.lookups_per_step for h in self.halves)
-        self.next_tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.halves[0].device)
-        self._stream = torch.cuda.Stream(self.halves[0].device) if graphs else None
+        self.next_tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        if self._stream is not None and all(isinstance(c, ShadowKVCache) for c in caches):
+            caches[1]._copy_stream = caches[0].side_stream(dev)          # one fetch stream: the halves' gathers take turns on PCIe
         self.graph = None
         if graphs:
-            side = torch.cuda.Stream(self.halves[0].device)
+            side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)): self._step()
@@ -427,14 +443,17 @@ class PairedDecoder:
             self.reset()
 
     def _step(self):
-        if self._stream is None:
-            for h in self.halves: h._step()
-        else:                                                  # fork the second half onto its own stream, join before the output
-            main = torch.cuda.current_stream()
-            self._stream.wait_stream(main)
-            with torch.cuda.stream(self._stream): self.halves[1]._step()
-            self.halves[0]._step()
-            main.wait_stream(self._stream)
+        "Both halves' steps, layer by layer in turn; on CUDA half 1 on its own stream (forked from and joined to the current one)."
+        main = torch.cuda.current_stream() if self._stream is not None else None
+        if main is not None: self._stream.wait_stream(main)
+        ctx = [contextlib.nullcontext, (lambda: torch.cuda.stream(self._stream)) if main is not None else contextlib.nullcontext]
+        gens, live = [h._layer_steps() for h in self.halves], [True, True]
+        while any(live):
+            for i, (h, g) in enumerate(zip(self.halves, gens)):
+                if not live[i]: continue
+                with ctx[i](), attention_hook(self.model, h._attention):
+                    live[i] = next(g, StopIteration) is not StopIteration
+        if main is not None: main.wait_stream(self._stream)
         self.next_tokens.copy_(torch.cat([h.next_tokens for h in self.halves]))
 
     def reset(self):
@@ -459,21 +478,70 @@ class PairedDecoder:
 
 # %% ../nbs/51_shadowkv_throughput.ipynb #adf0be04
 def predicted_step_ms(cfg, context: int, batch: int, method: str, settings: ShadowKVConfig | None, bw: dict, hit_rate: float = 0.0,
-                      weight_bytes: float = 0.0, dtype_bytes: int = 2) -> float:
-    "The bandwidth model of one decode step (ms): weights + attention traffic at HBM bandwidth, ShadowKV's misses at the PCIe fetch bandwidth."
+                      weight_bytes: float = 0.0, dtype_bytes: int = 2, hbm_layers: int = 0, overlap: bool = True) -> float:
+    """The bandwidth model of one decode step (ms): weights + attention traffic at HBM bandwidth, ShadowKV's misses at the PCIe fetch
+    bandwidth, except in the `hbm_layers` layers whose values sit in HBM (their misses read at HBM bandwidth). `overlap`: a layer's
+    PCIe reads hide behind its GPU work (max of the two); False: they add (what one batch measured, notebook 51's pair section)."""
     L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     hbm, pcie = bw["hbm"] * 1e9 / 2, bw["uva_gather"] * 1e9           # hbm: a copy moves each byte twice
     if method == "full": return 1e3 * (weight_bytes + batch * L * 2 * Hkv * D * context * dtype_bytes) / hbm
+    if not 0 <= hbm_layers <= L: raise ValueError(f"hbm_layers must be in [0, {L}], got {hbm_layers}")
     lay = shadowkv_layout(context, settings)
     C, r = settings.chunk_size, settings.rank
     miss = (1 - hit_rate) * lay.selected_chunks
     gpu = Hkv * (lay.landmark_chunks * D + miss * C * (r + D) + 2 * lay.attended_tokens * D) * dtype_bytes
     value_bytes = 1 if settings.value_dtype == "fp8" else dtype_bytes
     host = Hkv * miss * C * D * value_bytes
-    return 1e3 * (weight_bytes / hbm + batch * L * max(gpu / hbm, host / pcie))
+    on_host = (max if overlap else lambda a, b: a + b)(gpu / hbm, host / pcie)
+    return 1e3 * (weight_bytes / hbm + batch * (hbm_layers * (gpu + host) / hbm + (L - hbm_layers) * on_host))
 
 def equivalent_bandwidth(context: int, lay, hit_rate: float, gpu_bw: float, pcie_bw: float) -> float:
     """The paper's equivalent bandwidth (Section 5.2): 2 S B_gpu / (S/C + 2(K+O)C + (1-alpha) K C B_gpu/B_pcie), with K selected and O outlier
     chunks of C tokens and alpha the cache-hit rate: the bandwidth full attention would need to decode as fast."""
     C, K, O = lay.chunk_size, lay.selected_chunks, lay.outlier_chunks
     return 2 * context * gpu_bw / (context / C + 2 * (K + O) * C + (1 - hit_rate) * K * C * gpu_bw / pcie_bw)
+
+# %% ../nbs/51_shadowkv_throughput.ipynb #a7c1e002
+@dataclass(frozen=True)
+class StepModel:
+    """ms per step = fixed_ms + batch * per_seq_ms + PCIe GB / pcie_GB_s, with batch * pcie_GB_per_seq * (L - hbm_layers) / L GB
+    over PCIe: the serial form one batch measured (its PCIe time adds to its GPU time)."""
+    fixed_ms: float
+    per_seq_ms: float
+    pcie_GB_s: float
+    pcie_GB_per_seq: float
+    n_layers: int
+    def __call__(self, batch: int, hbm_layers: int = 0) -> float:
+        pcie = batch * self.pcie_GB_per_seq * (self.n_layers - hbm_layers) / self.n_layers
+        return self.fixed_ms + batch * self.per_seq_ms + 1e3 * pcie / self.pcie_GB_s
+
+def fit_step_model(batch: int, ms_host: float, ms_placed: float, pcie_GB_host: float, hbm_layers: int, n_layers: int, fixed_ms: float) -> StepModel:
+    """The `StepModel` through two measured steps at one `batch`: all values on the host (`ms_host`, `pcie_GB_host` per step) and
+    `hbm_layers` layers' values in HBM (`ms_placed`); `fixed_ms` is the weights' read (bytes over HBM bandwidth). The difference
+    gives the PCIe bandwidth, the placed step the per-sequence GPU time."""
+    if not 0 < hbm_layers <= n_layers: raise ValueError(f"the placed step needs 1 to {n_layers} layers in HBM, got {hbm_layers}")
+    if not ms_host > ms_placed > fixed_ms: raise ValueError(f"need ms_host > ms_placed > fixed_ms, got {ms_host}, {ms_placed}, {fixed_ms}")
+    pcie_placed = pcie_GB_host * (n_layers - hbm_layers) / n_layers
+    bw = 1e3 * (pcie_GB_host - pcie_placed) / (ms_host - ms_placed)
+    return StepModel(fixed_ms, (ms_placed - fixed_ms - 1e3 * pcie_placed / bw) / batch, bw, pcie_GB_host / batch, n_layers)
+
+def serving_point(cfg, context: int, settings: ShadowKVConfig, gpu_free: float, host_free: float, step_ms, workspace_per_seq: float = 0.0,
+                  dtype_bytes: int = 2, max_batch: int = 64) -> dict:
+    """The (batch, hbm_value_layers) of largest predicted tok/s for ShadowKV at `settings`: each batch the GPU state fits, with the
+    most layers' values HBM holds beside it (`hbm_value_layers`), kept if the other layers' values fit `host_free`; `step_ms(batch,
+    hbm_layers)` predicts its step (a `StepModel`). Returns the chosen point (batch, hbm_value_layers, host_GB, predicted_ms,
+    predicted_tok_s) with every feasible candidate under 'candidates'."""
+    fp = footprint(cfg, context, "shadowkv", settings, dtype_bytes)
+    L, cands = cfg.num_hidden_layers, []
+    for b in range(1, max_batch + 1):
+        if b * (fp["gpu"] + workspace_per_seq) > gpu_free: break
+        n = hbm_value_layers(cfg, context, settings, b, gpu_free, workspace_per_seq, dtype_bytes)
+        host = b * fp["host"] * (L - n) / L
+        if host > host_free: continue
+        ms = step_ms(b, n)
+        cands.append(dict(batch=b, hbm_value_layers=n, host_GB=host / 1e9, predicted_ms=ms, predicted_tok_s=b * 1e3 / ms))
+    if not cands:
+        raise ValueError(f"no batch fits: {(fp['gpu'] + workspace_per_seq) / 2**20:,.1f} MiB of GPU state per sequence against "
+                         f"{gpu_free / 2**30:,.2f} GiB free, {fp['host'] / 2**20:,.1f} MiB of values against {host_free / 2**30:,.2f} GiB of host memory")
+    return dict(max(cands, key=lambda c: c["predicted_tok_s"]), candidates=cands)
+

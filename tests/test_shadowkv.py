@@ -358,13 +358,17 @@ _gather_inputs = gather_inputs
 GSHAPES = [(1, 1, 5, 8, 32, 3), (2, 3, 17, 8, 64, 5), (3, 2, 9, 5, 48, 7), (2, 2, 4, 3, 16, 4)]
 gids = lambda s: "B{}-H{}-N{}-C{}-D{}-k{}".format(*s)
 
+GRIDS = [None, 1, 3]          # one program per chunk; the SM-light grid with one program (it loops over everything) and three
+gpid = lambda p: "Pall" if p is None else f"P{p}"
+
+@pytest.mark.parametrize("programs", GRIDS, ids=gpid)
 @pytest.mark.parametrize("shape", GSHAPES, ids=[gids(s) + "-fp32" for s in GSHAPES])
-def test_gather_kernel_matches_reference_and_writes_only_the_misses(shape):
+def test_gather_kernel_matches_reference_and_writes_only_the_misses(shape, programs):
     B, Hkv, N, C, D, k = shape
     v, src, _, ids, slots, counts = _gather_inputs(*shape, device=DEV)
     a = torch.full((B, Hkv, k * C, D), float("nan"), device=DEV); b = a.clone()
     gather_chunks_ref(src, None, ids, slots, counts, a, C)
-    gather_chunks(src, None, ids, slots, counts, b, C)
+    gather_chunks(src, None, ids, slots, counts, b, C, programs=programs)
     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
     # the reference against the definition, entry by entry
     for bb in range(B):
@@ -374,13 +378,14 @@ def test_gather_kernel_matches_reference_and_writes_only_the_misses(shape):
                 if i < counts[bb, h]: assert torch.equal(rows, v[bb, h, int(ids[bb, h, i])].view(C, D))
                 else: assert rows.isnan().all()
 
+@pytest.mark.parametrize("programs", GRIDS, ids=gpid)
 @pytest.mark.parametrize("shape", GSHAPES, ids=[gids(s) + "-fp8" for s in GSHAPES])
-def test_gather_kernel_dequantizes_fp8_like_the_reference(shape):
+def test_gather_kernel_dequantizes_fp8_like_the_reference(shape, programs):
     B, Hkv, N, C, D, k = shape
     _, src, scale, ids, slots, counts = _gather_inputs(*shape, seed=4, fp8=True, device=DEV)
     a = torch.full((B, Hkv, k * C, D), float("nan"), device=DEV); b = a.clone()
     gather_chunks_ref(src, scale, ids, slots, counts, a, C)
-    gather_chunks(src, scale, ids, slots, counts, b, C)
+    gather_chunks(src, scale, ids, slots, counts, b, C, programs=programs)
     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 def test_gather_into_a_buffer_view_and_bad_inputs():
@@ -394,6 +399,8 @@ def test_gather_into_a_buffer_view_and_bad_inputs():
     with pytest.raises(ValueError, match="counts"): gather_chunks(src, None, ids, slots, counts[:1], view, C)
     with pytest.raises(TypeError, match="scales"): gather_chunks(src, torch.ones(B, Hkv, N, device=DEV), ids, slots, counts, view, C)
     with pytest.raises(ValueError, match="rows must be contiguous"): gather_chunks(src, None, ids, slots, counts, view.transpose(2, 3).contiguous().transpose(2, 3), C)
+    with pytest.raises(ValueError, match="programs must be None or an int >= 1"): gather_chunks(src, None, ids, slots, counts, view, C, programs=0)
+    with pytest.raises(ValueError, match="fetch_programs must be None or an int >= 1"): ShadowKVConfig(fetch_programs=0)
 
 def test_fp8_chunks_round_trip_and_reference_fetch():
     v, src, scale, ids, slots, counts = _gather_inputs(2, 3, 11, 8, 32, 4, seed=2, fp8=True)

@@ -1,4 +1,5 @@
 "ShadowKV at 8B scale: the memory model against built caches, the caps, the bandwidth formulas, the Llama-3-8B shape."
+import dataclasses
 import math
 from pathlib import Path
 import pytest
@@ -325,11 +326,13 @@ def test_paired_decoder_equals_its_halves_alone(varied):
     with pytest.raises(ValueError, match="CUDA graph capture needs"): PairedDecoder(varied, [_prefilled(varied, kv, ids[:2]), _prefilled(varied, kv, ids[2:])], 2, graphs=True)
 
 @cuda
-def test_paired_cuda_graph_equals_its_halves_alone():
+@pytest.mark.parametrize("fetch_programs", [None, 4], ids=["grid-all", "grid-P4"])
+def test_paired_cuda_graph_equals_its_halves_alone(fetch_programs):
+    "The pair (layers interleaved, one shared fetch stream) against each half decoded alone, with both value-kernel grids."
     from longctx_nb.shadowkv_throughput import PairedDecoder
     m = random_llama(llama_config(**TOY), "cuda", torch.float32, seed=1)
     for p in m.parameters(): p.data.mul_(15)
-    kv, ids = STATIC_METHODS["shadowkv"], _prompt(B=4, seed=6, dev="cuda")
+    kv, ids = dataclasses.replace(STATIC_METHODS["shadowkv"], fetch_programs=fetch_programs), _prompt(B=4, seed=6, dev="cuda")
     forced = torch.randint(256, (8, 4, 1), generator=torch.Generator().manual_seed(7)).cuda()
     alone = []
     for rows in (slice(0, 2), slice(2, 4)):
@@ -347,3 +350,40 @@ def test_static_step_with_fp8_values_equals_eager(varied):
     eager = torch.tensor(greedy_generate(varied, ids, stop_ids=[], max_new_tokens=12, cache=eager_cache))
     assert eager_cache.layers[0].v_host.dtype == torch.float8_e4m3fn
     assert torch.equal(eager, fast_generate(varied, ids, kv.make_cache(varied), 12))
+
+def test_fit_step_model_passes_through_its_two_steps_and_refuses_bad_ones():
+    from longctx_nb.shadowkv_throughput import fit_step_model
+    m = fit_step_model(56, 72.74, 48.18, 1.832, 21, 32, fixed_ms=4.0)
+    assert m(56, 0) == pytest.approx(72.74) and m(56, 21) == pytest.approx(48.18)
+    assert m.pcie_GB_s == pytest.approx(1.832 * 21 / 32 / (72.74 - 48.18) * 1e3)
+    assert m(56, 32) == pytest.approx(4.0 + 56 * m.per_seq_ms) and m(28, 0) < m(56, 0)
+    with pytest.raises(ValueError, match="ms_host > ms_placed"): fit_step_model(56, 40.0, 48.18, 1.832, 21, 32, 4.0)
+    with pytest.raises(ValueError, match="1 to 32 layers"): fit_step_model(56, 72.74, 48.18, 1.832, 0, 32, 4.0)
+
+def test_serving_point_chooses_batch_and_placement_together():
+    from longctx_nb.shadowkv_throughput import serving_point, StepModel, hbm_value_layers
+    cfg, st = llama_config(), ShadowKVConfig(budget=1024, rank=160)
+    fp = footprint(cfg, 65536, "shadowkv", st)
+    host_free = 20.5 * fp["host"]                               # a host cap of 20 with no layer placed
+    gpu_free = 40 * fp["gpu"] + 20 * fp["host"]                 # room for 40 sequences' state and 20 sequences' values
+    slow_pcie = StepModel(fixed_ms=4.0, per_seq_ms=0.5, pcie_GB_s=10.0, pcie_GB_per_seq=0.05, n_layers=32)
+    pt = serving_point(cfg, 65536, st, gpu_free, host_free, slow_pcie, max_batch=64)
+    best = max(pt["candidates"], key=lambda c: c["predicted_tok_s"])
+    assert (pt["batch"], pt["hbm_value_layers"]) == (best["batch"], best["hbm_value_layers"])
+    assert all(c["host_GB"] * 1e9 <= host_free + 1 for c in pt["candidates"])
+    assert all(c["hbm_value_layers"] == hbm_value_layers(cfg, 65536, st, c["batch"], gpu_free) for c in pt["candidates"])
+    assert max(c["batch"] for c in pt["candidates"]) > 20      # placement lets the batch pass the host cap of no placement
+    free_pcie = dataclasses.replace(slow_pcie, pcie_GB_s=1e9)   # PCIe costs nothing: the largest batch the GPU state fits wins
+    assert serving_point(cfg, 65536, st, gpu_free, 1e15, free_pcie, max_batch=64)["batch"] == min(64, int(gpu_free // fp["gpu"]))
+    with pytest.raises(ValueError, match="no batch fits"): serving_point(cfg, 65536, st, 0.5 * fp["gpu"], host_free, slow_pcie)
+
+@cuda
+def test_constructed_cache_places_values_before_repeating():
+    m = random_llama(llama_config(**TOY), "cuda", torch.bfloat16, seed=1)
+    st = ShadowKVConfig(budget=64, rank=16, min_prefill=256)
+    rec = synthetic_prefill(m, 1024, 16)
+    c = constructed_cache(m, rec, 3, "shadowkv", st, hbm_layers=1)
+    assert c.layers[0].v_host.is_cuda and c.layers[0].v_host.shape[0] == 3 and not c.layers[1].v_host.is_cuda
+    ref = constructed_cache(m, rec, 3, "shadowkv", st)
+    assert torch.equal(c.layers[0].v_host.cpu(), ref.layers[0].v_host)
+    c.detach(); ref.detach()
