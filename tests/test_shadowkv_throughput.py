@@ -281,8 +281,10 @@ def test_serving_benchmark_runs_end_to_end_on_cpu(tmp_path):
     assert shadowkv_serving.main(["--tiny", "--sensitivity", "--out", str(tmp_path)]) == 0
     t = pd.read_csv(tmp_path / "serving.csv").set_index("method")
     assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values",
+                             "ShadowKV host values (paper-faithful), SM-light fetch (16 programs)",
                              "ShadowKV host values (paper-faithful), two half-batches overlapped", "ShadowKV fp8 values, two half-batches overlapped"]
-    assert t.iloc[3].batch == t.iloc[1].batch and t.iloc[4].batch == t.iloc[2].batch          # the pair at its row's batch
+    assert t.iloc[3].batch == t.iloc[4].batch == t.iloc[1].batch and t.iloc[5].batch == t.iloc[2].batch   # SM-light and pair at its row's batch
+    assert t.predicted_ms.isna().all()                     # no joint row on CPU: its step model needs two measured placements
     assert t.loc["ShadowKV host values (paper-faithful)", "batch"] == t.loc["ShadowKV host values (paper-faithful)", "host_cap"] == 2
     assert t.loc["ShadowKV fp8 values", "batch"] == 4 and t.loc["full attention", "ratio_to_full_best"] == 1.0
     assert (t.ms_per_step > 0).all() and t.hit_rate.iloc[1:].between(0, 1).all() and (t.pcie_GB_per_step.iloc[1:] > 0).all()
