@@ -22,8 +22,9 @@ import triton.language as tl
 # %% auto #0
 __all__ = ['PAPER_DEFAULTS', 'PAPER_OUTLIER_FRACTION', 'FP8_MAX', 'ShadowKVConfig', 'ShadowKVLayout', 'shadowkv_layout',
            'low_rank_keys', 'singular_values', 'svd_relative_error', 'chunk_landmarks', 'landmark_scores',
-           'assign_slots', 'assign_slots_fused', 'shadow_keys_ref', 'ShadowKeys', 'shadow_keys', 'quantize_chunks_fp8',
-           'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks', 'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV']
+           'assign_slots', 'assign_slots_fused', 'landmark_scores_fused', 'shadow_keys_ref', 'ShadowKeys',
+           'shadow_keys', 'quantize_chunks_fp8', 'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks',
+           'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV']
 
 # %% ../nbs/50_shadowkv.ipynb #f0589fd7
 # The official defaults (ByteDance-Seed/ShadowKV, models/kv_cache.py and test/eval_acc.py) at the paper's 128k contexts.
@@ -242,6 +243,89 @@ def assign_slots_fused(cached_ids: torch.Tensor, new_ids: torch.Tensor):
     if rows: _assign_slots_fwd[(rows,)](cached, new, miss_ids, miss_slots, n_miss, updated, k, KP=max(16, triton.next_power_of_2(k)),
                                         num_warps=8 if k > 64 else 4)
     return miss_ids, miss_slots, n_miss, updated
+
+
+# %% ../nbs/50_shadowkv.ipynb #c3a51e02
+@triton.jit
+def _landmark_logits_fwd(Q, LM, VALID, S, MT, LT, N, M, T, scaling, sq_bh, sq_m, slm_bh, slm_n, sv_bh,
+                         D: tl.constexpr, DP: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr,
+                         IEEE: tl.constexpr):
+    # one program: BLOCK_N landmarks of one (batch, kv head) against its M = G*L query rows; logits stored once, with the tile's
+    # per-row max and sum of exponentials (the second kernel combines the tiles into each row's log-sum-exp)
+    bh = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    m = tl.arange(0, MP)
+    d = tl.arange(0, DP)
+    j = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    q = tl.load(Q + bh * sq_bh + m[:, None] * sq_m + d[None, :], mask=(m[:, None] < M) & (d[None, :] < D), other=0.0)
+    lm = tl.load(LM + bh * slm_bh + j[:, None] * slm_n + d[None, :], mask=(j[:, None] < N) & (d[None, :] < D), other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(lm), input_precision="ieee") * scaling          # [MP, BLOCK_N], fp32
+    else:
+        s = tl.dot(q, tl.trans(lm)) * scaling
+    ok = j < N
+    if HAS_VALID:
+        ok = ok & (tl.load(VALID + bh * sv_bh + j, mask=j < N, other=0) != 0)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    tl.store(S + (bh * M + m[:, None]) * N + j[None, :], s, mask=(m[:, None] < M) & (j[None, :] < N))
+    mt = tl.max(s, axis=1)
+    lt = tl.sum(tl.exp(s - tl.where(mt == float("-inf"), 0.0, mt)[:, None]), axis=1)
+    tl.store(MT + (bh * T + t) * MP + m, mt)
+    tl.store(LT + (bh * T + t) * MP + m, lt)
+
+@triton.jit
+def _landmark_scores_fwd(S, MT, LT, OUT, N, M, T, L, G: tl.constexpr, MP: tl.constexpr, TP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one program: BLOCK_N landmarks of one (batch, kv head): softmax over all landmarks (the tiles' stats), summed over the L
+    # positions of each query head, maxed over the G heads of the group
+    bh = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    m = tl.arange(0, MP)
+    tt = tl.arange(0, TP)
+    st = (bh * T + tt[:, None]) * MP + m[None, :]
+    mt = tl.load(MT + st, mask=tt[:, None] < T, other=float("-inf"))          # [TP, MP]
+    lt = tl.load(LT + st, mask=tt[:, None] < T, other=0.0)
+    mx = tl.max(mt, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    tot = tl.sum(lt * tl.exp(mt - mx[None, :]), axis=0)
+    empty = tot == 0                                                          # a row with no valid landmark scores 0
+    lse = mx + tl.log(tl.where(empty, 1.0, tot))
+    j = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = tl.load(S + (bh * M + m[:, None]) * N + j[None, :], mask=(m[:, None] < M) & (j[None, :] < N), other=float("-inf"))
+    p = tl.where(empty[:, None], 0.0, tl.exp(s - lse[:, None]))
+    best = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g in range(G):
+        rows = (m >= g * L) & (m < (g + 1) * L)
+        best = tl.maximum(best, tl.sum(tl.where(rows[:, None], p, 0.0), axis=0))
+    tl.store(OUT + bh * N + j, best, mask=j < N)
+
+def landmark_scores_fused(query: torch.Tensor, landmarks: torch.Tensor, scaling: float, landmark_valid: torch.Tensor | None = None,
+                          block_n: int = 128) -> torch.Tensor:
+    """`landmark_scores` in two Triton launches (logits + per-tile softmax statistics, then normalize / sum / max), [B, Hkv, n]
+    float32; a row with no valid landmark scores 0 everywhere (the reference's NaN after `nan_to_num`)."""
+    if query.ndim != 4 or landmarks.ndim != 4: raise ValueError(f"query must be [B, H, L, D] and landmarks [B, Hkv, n, D]; got {tuple(query.shape)} and {tuple(landmarks.shape)}")
+    B, H, L, D = query.shape
+    Hkv, n = landmarks.shape[1], landmarks.shape[2]
+    if landmarks.shape[0] != B or landmarks.shape[3] != D: raise ValueError(f"query {tuple(query.shape)} and landmarks {tuple(landmarks.shape)} disagree on batch or head_dim")
+    if H % Hkv: raise ValueError(f"query heads {H} are not a multiple of kv heads {Hkv}")
+    if landmark_valid is not None and landmark_valid.shape != (B, Hkv, n): raise ValueError(f"landmark_valid must be [B, Hkv, n] = {(B, Hkv, n)}, got {tuple(landmark_valid.shape)}")
+    G, M = H // Hkv, (H // Hkv) * L
+    out = torch.empty(B, Hkv, n, dtype=torch.float32, device=query.device)
+    if B * Hkv * n == 0: return out
+    q = query.reshape(B * Hkv, M, D)
+    lm = landmarks.reshape(B * Hkv, n, D)
+    if q.dtype != lm.dtype: q, lm = q.float(), lm.float()
+    q, lm = q.contiguous(), lm.contiguous()
+    bn = max(16, triton.next_power_of_2(min(block_n, n)))
+    T, MP = triton.cdiv(n, bn), max(16, triton.next_power_of_2(M))
+    S = torch.empty(B * Hkv, M, n, dtype=torch.float32, device=q.device)
+    MT, LT = (torch.empty(B * Hkv, T, MP, dtype=torch.float32, device=q.device) for _ in range(2))
+    valid = landmark_valid.reshape(B * Hkv, n).to(torch.int8).contiguous() if landmark_valid is not None else MT
+    grid = (B * Hkv, T)
+    _landmark_logits_fwd[grid](q, lm, valid, S, MT, LT, n, M, T, float(scaling), q.stride(0), q.stride(1), lm.stride(0), lm.stride(1),
+                               valid.stride(0) if landmark_valid is not None else 0, D=D, DP=max(16, triton.next_power_of_2(D)), MP=MP,
+                               BLOCK_N=bn, HAS_VALID=landmark_valid is not None, IEEE=q.dtype == torch.float32)
+    _landmark_scores_fwd[grid](S, MT, LT, out, n, M, T, L, G=G, MP=MP, TP=max(16, triton.next_power_of_2(T)), BLOCK_N=bn)
+    return out
 
 
 # %% ../nbs/50_shadowkv.ipynb #acf1f627
@@ -574,7 +658,11 @@ class ShadowKVLayer(HookedKVLayer):
 
     def select(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         "Top-k chunk ids [B, Hkv, k] for this step's queries (landmark scores, max over the GQA group)."
-        scores = landmark_scores(query, self.landmarks, scaling, self.landmark_valid).nan_to_num(0.0)
+        kernel = self.owner.settings.kernel
+        if kernel == "triton" or (kernel == "auto" and query.is_cuda):     # two launches (landmark_scores_fused), eager and graph alike
+            scores = landmark_scores_fused(query, self.landmarks, scaling, self.landmark_valid)
+        else:
+            scores = landmark_scores(query, self.landmarks, scaling, self.landmark_valid).nan_to_num(0.0)
         return self.landmark_chunk.gather(-1, scores.topk(self.layout.selected_chunks, dim=-1).indices)
 
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:

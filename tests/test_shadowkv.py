@@ -14,6 +14,7 @@ from longctx_nb.evals import greedy_generate
 from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill, host_empty, SnapKV, StreamingLLM, QuestPages
 from longctx_nb.shadowkv import (
     ShadowKV, ShadowKVConfig, ShadowKVCache, shadowkv_layout, low_rank_keys, svd_relative_error, chunk_landmarks, landmark_scores,
+    landmark_scores_fused,
     assign_slots, assign_slots_fused, shadow_keys, shadow_keys_ref,
     gather_chunks, gather_chunks_ref, quantize_chunks_fp8, dequantize_chunks, FP8_MAX)
 
@@ -282,6 +283,41 @@ def test_driven_without_weights(tiny):
     out = cache.step(0, q, k1, v1)
     ref = attend(q, torch.cat([recs[0].keys, k1], 2), torch.cat([recs[0].values, v1], 2), D ** -0.5)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+SSHAPES = [(1, 2, 1, 1, 5, 16, False), (2, 6, 2, 1, 37, 32, True), (2, 4, 2, 3, 150, 48, False), (3, 8, 2, 1, 129, 64, True)]
+sids = lambda s: "B{}-H{}-Hkv{}-L{}-n{}-D{}".format(*s[:6]) + ("-masked" if s[6] else "") + "-fp32"
+
+@pytest.mark.parametrize("shape", SSHAPES, ids=[sids(s) for s in SSHAPES])
+def test_fused_landmark_scores_match_the_reference(shape):
+    "The two-launch scores against landmark_scores (+ nan_to_num), several tiles per row, masked landmarks, one row with none valid."
+    B, H, Hkv, L, n, D, masked = shape
+    g = torch.Generator().manual_seed(n)
+    q, lm = torch.randn(B, H, L, D, generator=g).to(DEV), torch.randn(B, Hkv, n, D, generator=g).to(DEV)
+    valid = None
+    if masked:
+        valid = torch.rand(B, Hkv, n, generator=g) > 0.3
+        valid[0, 0] = False
+        valid = valid.to(DEV)
+    ref = landmark_scores(q, lm, D ** -0.5, valid).nan_to_num(0.0)
+    got = landmark_scores_fused(q, lm, D ** -0.5, valid, block_n=32)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    if masked: assert (got[0, 0] == 0).all()
+
+def test_fused_landmark_scores_bad_inputs():
+    with pytest.raises(ValueError, match="not a multiple of kv heads"): landmark_scores_fused(torch.randn(1, 3, 1, 16), torch.randn(1, 2, 5, 16), 0.25)
+    with pytest.raises(ValueError, match="disagree on batch or head_dim"): landmark_scores_fused(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 32), 0.25)
+    with pytest.raises(ValueError, match="landmark_valid must be"):
+        landmark_scores_fused(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16), 0.25, torch.ones(1, 2, 4, dtype=torch.bool))
+
+@needs_interpreter
+def test_triton_selection_decodes_like_the_reference(tiny):
+    "kernel='triton' (fused scores, fused assignment, the key kernel; the interpreter on CPU) decodes the tokens of kernel='torch'."
+    ids = _ids(200)
+    out = []
+    for kernel in ("torch", "triton"):
+        with torch.no_grad(), ShadowKVCache(tiny, budget=24, rank=12, min_prefill=16, kernel=kernel) as c:
+            out.append(tiny.generate(ids, **GEN, past_key_values=c)[:, 200:])
+    assert torch.equal(out[0], out[1])
 
 # ---------------------------------------------------------------- ShadowKV as a KV method, and the equal-budget rule
 
