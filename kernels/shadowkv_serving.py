@@ -17,7 +17,7 @@ until a batch builds and decodes (the host cap is never probed: past it the host
 --sensitivity adds tok/s at injected hit rates (labelled sensitivity: the slots then hold other chunks than their table says, so
 only the speed means anything). Needs CUDA unless --tiny. Exit status 1 when a row gives no finite time or the sweep finds no batch.
 """
-import gc, math, sys, time
+import dataclasses, gc, math, sys, time
 from kernels._lab import lab_main, Measured
 import pandas as pd
 import torch
@@ -132,12 +132,14 @@ def measure(lib, a) -> Measured:
             try:
                 if at is None: thr.require_batch_fits(batch, fp, gpu_free, host_free, workspace)
                 cache = thr.constructed_cache(model, rec, batch, method, settings, reserve_tokens=max_new, hbm_layers=0 if at is None else at[1])
-                for n_hbm in (placements(batch) if at is None else [at[1]]):
+                for n_hbm, programs in (placements(batch) if at is None else [(at[1], None)]):
                     if n_hbm and at is None:
                         try: thr.place_values_on_gpu(cache, n_hbm)
                         except torch.OutOfMemoryError:            # the faithful row stands; say the placement did not fit
                             rows.append(dict(method=f"{label}, {n_hbm} layers' values in HBM", context=a.context, batch=batch,
                                              hbm_value_layers=n_hbm, status="OOM")); break
+                    if settings is not None:                      # the value kernel's grid is read when the step is captured
+                        cache.settings = dataclasses.replace(settings, fetch_programs=programs) if programs else settings
                     cache_reset(cache)
                     dec = thr.StaticDecoder(model, cache, batch, max_new, graphs=cuda, warmup=warm)
                     t = time_decoder(dec, batch, a.steps, cfg.vocab_size, dev)
@@ -147,13 +149,14 @@ def measure(lib, a) -> Measured:
                     row_bytes = settings.chunk_size * cfg.head_dim * (1 if settings.value_dtype == "fp8" else dtype_bytes) if settings else 0
                     pcie = (1 - hit) * dec.lookups_per_step * row_bytes * (L - n_hbm) / L / 1e9 if settings else 0.0
                     moved = fp["host"] * n_hbm / L if settings else 0.0
-                    name = label + (f", {n_hbm} layers' values in HBM" if n_hbm and at is None else "")
+                    name = (label + (f", {n_hbm} layers' values in HBM" if n_hbm and at is None else "")
+                            + (f", SM-light fetch ({programs} programs)" if programs else ""))
                     rows.append(dict(method=name, context=a.context, batch=batch, predicted_ms=predicted_ms if at is not None else float("nan"),
                                      gpu_cap=caps["gpu_cap"], host_cap=caps["host_cap"], hbm_value_layers=n_hbm, **t, **prof,
                                      hit_rate=hit, pcie_GB_per_step=pcie, gpu_GB_per_seq=(fp["gpu"] + moved) / 1e9,
                                      host_GB_per_seq=(fp["host"] - moved) / 1e9, graphs=dec.graph is not None, status="ok"))
                     print(rows[-1], flush=True)
-                    if a.sensitivity and settings is not None and at is None and n_hbm == 0 and settings.value_dtype == "auto" and settings.fetch_programs is None:
+                    if a.sensitivity and settings is not None and at is None and n_hbm == 0 and settings.value_dtype == "auto" and programs is None:
                         for h in (0.0, 0.25, 0.5, 0.75, 0.9):
                             dec = None; free_memory(); cache_reset(cache)
                             dec = thr.StaticDecoder(model, cache, batch, max_new, graphs=cuda, warmup=warm, inject_hit_rate=h, benchmark=True)
@@ -173,14 +176,15 @@ def measure(lib, a) -> Measured:
 
     def run_joint(label, settings, weight_ms):
         "The batch and placement chosen together (serving_point), its step model fitted to this setting's two rows just measured."
-        ok = [r for r in rows if r.get("status") == "ok" and r["method"].startswith(label) and "joint" not in r["method"]]
+        ok = [r for r in rows if r.get("status") == "ok" and r["method"].startswith(label) and "joint" not in r["method"] and "SM-light" not in r["method"]]
         host = next((r for r in ok if r["hbm_value_layers"] == 0), None)
         placed = next((r for r in ok if r["hbm_value_layers"] > 0 and host is not None and r["batch"] == host["batch"]), None)
         if not cuda or host is None or placed is None: return
         try: model_ = thr.fit_step_model(host["batch"], host["ms_per_step"], placed["ms_per_step"], host["pcie_GB_per_step"],
                                          placed["hbm_value_layers"], cfg.num_hidden_layers, weight_ms)
         except ValueError as e: print(f"{label}: no step model ({e}); no joint row", flush=True); return
-        pt = thr.serving_point(cfg, a.context, settings, gpu_free - a.placement_margin_gb * 2**30, host_free, model_, workspace, dtype_bytes, a.max_batch)
+        try: pt = thr.serving_point(cfg, a.context, settings, gpu_free - a.placement_margin_gb * 2**30, host_free, model_, workspace, dtype_bytes, a.max_batch)
+        except ValueError as e: print(f"{label}: no joint point ({e})", flush=True); return
         print(f"{label}: joint choice batch {pt['batch']}, {pt['hbm_value_layers']} HBM layers, predicted {pt['predicted_ms']:.1f} ms "
               f"({pt['predicted_tok_s']:.0f} tok/s); step model {model_}", flush=True)
         if (pt["batch"], pt["hbm_value_layers"]) == (placed["batch"], placed["hbm_value_layers"]): placed["predicted_ms"] = pt["predicted_ms"]; return
@@ -192,12 +196,14 @@ def measure(lib, a) -> Measured:
         for layer in cache.layers:
             if hasattr(layer, "slot_ids") and layer.slot_ids is not None: layer.slot_ids.fill_(-1)
 
-    def placements_for(settings):
+    def placements_for(settings, light=False):
+        "(HBM layers, value-kernel programs) measured on one cache in turn: all on the host, (the SM-light kernel,) then placed."
         def pick(batch):
-            if not cuda: return [0]
+            first = [(0, None)] + ([(0, a.fetch_programs)] if light else [])
+            if not cuda: return first
             # a margin beyond the memory model: the graphs' private pools and the allocator's fragmentation
             n = thr.hbm_value_layers(cfg, a.context, settings, batch, gpu_free - a.placement_margin_gb * 2**30, workspace, dtype_bytes)
-            return [0] + ([n] if n else [])
+            return first + ([(n, None)] if n else [])
         return pick
 
     def run_paired(label, settings, of):
@@ -226,16 +232,15 @@ def measure(lib, a) -> Measured:
         print(rows[-1], flush=True)
 
     t_start = time.perf_counter()
-    run_rows("full attention", "full", None, lambda b: [0])
+    run_rows("full attention", "full", None, lambda b: [(0, None)])
     faithful, fp8 = "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"
     weight_ms = weight_bytes / (thr.hbm_bandwidth(dev) * 1e9) * 1e3 if cuda else 0.0     # the weights' read per step (a copy's bytes moved per second)
     for label, kw in ((faithful, {}), (fp8, dict(value_dtype="fp8"))):
-        run_rows(label, "shadowkv", st(**kw), placements_for(st(**kw)))
+        run_rows(label, "shadowkv", st(**kw), placements_for(st(**kw), light=label == faithful))
         run_joint(label, st(**kw), weight_ms)
     light = dict(fetch_programs=a.fetch_programs)
-    run_rows(f"{faithful}, SM-light fetch ({a.fetch_programs} programs)", "shadowkv", st(**light), lambda b: [0])
     run_paired(f"{faithful}, two half-batches overlapped", st(**light), faithful)
-    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok" and "joint" not in r["method"]]
+    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok" and "joint" not in r["method"] and "SM-light" not in r["method"]]
     run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8", **light), placed_fp8[0] if placed_fp8 else fp8)
     table = pd.DataFrame(rows)
     if len(table):

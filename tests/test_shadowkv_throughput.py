@@ -280,15 +280,16 @@ def test_serving_benchmark_runs_end_to_end_on_cpu(tmp_path):
     from kernels import shadowkv_serving
     assert shadowkv_serving.main(["--tiny", "--sensitivity", "--out", str(tmp_path)]) == 0
     t = pd.read_csv(tmp_path / "serving.csv").set_index("method")
-    assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values",
-                             "ShadowKV host values (paper-faithful), SM-light fetch (16 programs)",
+    assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)",
+                             "ShadowKV host values (paper-faithful), SM-light fetch (16 programs)", "ShadowKV fp8 values",
                              "ShadowKV host values (paper-faithful), two half-batches overlapped", "ShadowKV fp8 values, two half-batches overlapped"]
-    assert t.iloc[3].batch == t.iloc[4].batch == t.iloc[1].batch and t.iloc[5].batch == t.iloc[2].batch   # SM-light and pair at its row's batch
+    assert t.iloc[2].batch == t.iloc[4].batch == t.iloc[1].batch and t.iloc[5].batch == t.iloc[3].batch   # SM-light and pair at its row's batch
     assert t.predicted_ms.isna().all()                     # no joint row on CPU: its step model needs two measured placements
     assert t.loc["ShadowKV host values (paper-faithful)", "batch"] == t.loc["ShadowKV host values (paper-faithful)", "host_cap"] == 2
     assert t.loc["ShadowKV fp8 values", "batch"] == 4 and t.loc["full attention", "ratio_to_full_best"] == 1.0
     assert (t.ms_per_step > 0).all() and t.hit_rate.iloc[1:].between(0, 1).all() and (t.pcie_GB_per_step.iloc[1:] > 0).all()
-    s = pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")
+    assert (s := pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")).method.eq("ShadowKV host values (paper-faithful)").all()   # the default grid only
+    s = pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")  # five rows: the default grid only
     assert list(s.injected_hit_rate) == [0.0, 0.25, 0.5, 0.75, 0.9]
     assert (s.measured_hit_rate - s.injected_hit_rate).abs().max() <= 1 / 16      # rounded to whole chunks of the 16 selected
     import json
