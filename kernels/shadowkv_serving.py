@@ -11,7 +11,7 @@ host-resident layers), GPU and host bytes per sequence. Batches: the caps comput
 the weights over the per-sequence bytes plus a workspace; host: MemAvailable less a reserve), then probed downward on the GPU
 until a batch builds and decodes (the host cap is never probed: past it the host swaps rather than fails).
 
-    python -m kernels.shadowkv_serving --context 122880 [--gpu-budget-gb 80] [--sensitivity] [--out DIR]
+    python -m kernels.shadowkv_serving --context 122880 [--gpu-budget-gb 80] [--sensitivity] [--skip joint light pairs] [--out DIR]
     python -m kernels.shadowkv_serving --tiny      # a toy model on CPU (the static step run eagerly): checks the script end to end
 
 --gpu-budget-gb caps this process's GPU memory (torch.cuda.set_per_process_memory_fraction), to stand beside the paper's A100 80GB.
@@ -53,6 +53,7 @@ def add_args(ap):
     ap.add_argument("--probe", type=int, default=4, help="batches tried below the computed GPU cap before giving up")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--fetch-programs", type=int, default=16, help="programs of the SM-light value kernel (its rows and the pairs)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["joint", "light", "pairs"], help="leave these rows out (to fit a 10-minute call)")
     ap.add_argument("--sensitivity", action="store_true", help="also tok/s at injected hit rates 0, 0.25, 0.5, 0.75, 0.9 (sensitivity only)")
     ap.add_argument("--tiny", action="store_true", help="a toy model on CPU: checks the script, measures nothing of interest")
 
@@ -209,7 +210,7 @@ def measure(lib, a) -> Measured:
     def placements_for(settings, light=False):
         "(HBM layers, value-kernel programs) measured on one cache in turn: all on the host, (the SM-light kernel,) then placed."
         def pick(batch):
-            first = [(0, None)] + ([(0, a.fetch_programs)] if light else [])
+            first = [(0, None)] + ([(0, a.fetch_programs)] if light and "light" not in a.skip else [])
             if not cuda: return first
             # a margin beyond the memory model: the graphs' private pools and the allocator's fragmentation
             n = thr.hbm_value_layers(cfg, a.context, settings, batch, gpu_free - a.placement_margin_gb * 2**30, workspace, dtype_bytes)
@@ -247,11 +248,12 @@ def measure(lib, a) -> Measured:
     weight_ms = weight_bytes / (thr.hbm_bandwidth(dev) * 1e9) * 1e3 if cuda else 0.0     # the weights' read per step (a copy's bytes moved per second)
     for label, kw in ((faithful, {}), (fp8, dict(value_dtype="fp8"))):
         run_rows(label, "shadowkv", st(**kw), placements_for(st(**kw), light=label == faithful))
-        run_joint(label, st(**kw), weight_ms)
+        if "joint" not in a.skip: run_joint(label, st(**kw), weight_ms)
     light = dict(fetch_programs=a.fetch_programs)
-    run_paired(f"{faithful}, two half-batches overlapped", st(**light), faithful)
+    if "pairs" not in a.skip: run_paired(f"{faithful}, two half-batches overlapped", st(**light), faithful)
     placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok" and "joint" not in r["method"] and "SM-light" not in r["method"]]
-    run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8", **light), placed_fp8[0] if placed_fp8 else fp8)
+    if "pairs" not in a.skip:
+        run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8", **light), placed_fp8[0] if placed_fp8 else fp8)
     table = pd.DataFrame(rows)
     if len(table):
         full_best = table[(table.method == "full attention") & (table.status == "ok")].tok_s.max()

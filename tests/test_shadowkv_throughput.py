@@ -390,3 +390,9 @@ def test_constructed_cache_places_values_before_repeating():
     ref = constructed_cache(m, rec, 3, "shadowkv", st)
     assert torch.equal(c.layers[0].v_host.cpu(), ref.layers[0].v_host)
     c.detach(); ref.detach()
+
+def test_serving_benchmark_skips_rows_on_request(tmp_path):
+    import pandas as pd
+    from kernels import shadowkv_serving
+    assert shadowkv_serving.main(["--tiny", "--skip", "pairs", "light", "--out", str(tmp_path)]) == 0
+    assert list(pd.read_csv(tmp_path / "serving.csv").method) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"]
