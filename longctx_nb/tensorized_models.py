@@ -147,6 +147,24 @@ def _check_qkv4(q, k, v):
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"expected q [B, H, L, D] and k, v [B, H_kv, L, D] with H % H_kv == 0, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
+_HOP_TABLES: dict = {}
+
+def _hop_tables(rope, shape: tuple, order) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [m, 1, 1, *shape, D] for all hops at once: entry j holds `rope(shape[order[j]])` broadcast along that dimension, and sin
+    carries rotate-half's sign (its first half negated), so x * cos + x.roll(D // 2, -1) * sin is `apply_rope` for every hop in 4 ops.
+    Cached per (shape, order, source tables): an entry keeps its source tensors alive, so their data_ptr and _version identify them."""
+    src = [rope(shape[dim]) for dim in order]
+    key = (shape, tuple(order), tuple((t.data_ptr(), t._version, t.dtype, t.device) for cs in src for t in cs))
+    if key not in _HOP_TABLES:
+        if len(_HOP_TABLES) > 64: _HOP_TABLES.clear()
+        m = len(shape); cs, ss = [], []
+        for dim, (cos, sin) in zip(order, src):
+            view = [1] * m + [cos.shape[-1]]; view[dim] = shape[dim]
+            h = cos.shape[-1] // 2
+            cs.append(cos.reshape(view).expand(*shape, -1)); ss.append(torch.cat([-sin[:, :h], sin[:, h:]], -1).reshape(view).expand(*shape, -1))
+        _HOP_TABLES[key] = (torch.stack(cs)[:, None, None].contiguous(), torch.stack(ss)[:, None, None].contiguous(), src)
+    return _HOP_TABLES[key][:2]
+
 def tensorized_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Sequence[int],
                               rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None, scale: float | None = None,
                               backend: str = "auto", return_values: bool = False, causal: bool | str = True):
@@ -164,11 +182,12 @@ def tensorized_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if math.prod(shape) < L: raise ValueError(f"shape {shape} holds {math.prod(shape)} positions, fewer than the sequence length {L}")
     scale = D ** -0.5 if scale is None else float(scale)
     qf, kf = fold(q, shape), fold(k, shape); c = a = fold(v, shape); values = []
-    for j, dim in enumerate(hop_order(m)):
-        qh, kh = _to_fibres(qf, dim), _to_fibres(kf, dim)
-        if rope is not None:
-            cos, sin = rope(shape[dim])
-            qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
+    order = hop_order(m)
+    if rope is not None:                                                    # every hop's rotation in one broadcast: [m, B, H, *shape, D]
+        cos, sin = _hop_tables(rope, shape, order)
+        qf, kf = (x * cos + x.roll(D // 2, -1) * sin for x in (qf, kf))
+    for j, dim in enumerate(order):
+        qh, kh = (_to_fibres(x[j] if rope is not None else x, dim) for x in (qf, kf))
         vh = _to_fibres(a, dim)                                             # after the first hop the values are per query head
         need_a = mode == "complete" and j < m - 1
         out, agg = hop(qh, kh, vh, scale, mode, _to_fibres(c, dim) if mode == "complete" and j > 0 else None, need_a)

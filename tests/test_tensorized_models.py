@@ -409,3 +409,28 @@ def test_save_and_load_cpt(tiny_llama, tmp_path, causal):
     assert info == dict(steps=3) and (getattr(back, "tensorized", None) is None) == (causal is None)
     if causal: assert back.tensorized == m.tensorized
     with pytest.raises(FileNotFoundError, match="part 'cpt-y'"): load_cpt(fresh, tmp_path, "y")
+
+
+# ---------------------------------------------------------------- all hops' RoPE in one broadcast
+def _per_hop_rope(q, k, v, shape, rope, mode):
+    "The earlier path: each hop rotates its own fibres with apply_rope (the equality target of the one-broadcast rotation)."
+    from longctx_nb.tensorized import fold, unfold, hop_order
+    from longctx_nb.tensorized_models import _to_fibres, _from_fibres, HOPS
+    B, H, L, D = q.shape; m = len(shape); qf, kf = fold(q, shape), fold(k, shape); c = a = fold(v, shape)
+    for j, dim in enumerate(hop_order(m)):
+        cos, sin = rope(shape[dim]); qh, kh = apply_rope(_to_fibres(qf, dim), cos, sin), apply_rope(_to_fibres(kf, dim), cos, sin)
+        need_a = mode == "complete" and j < m - 1
+        out, agg = HOPS["torch"](qh, kh, _to_fibres(a, dim), D ** -0.5, mode, _to_fibres(c, dim) if mode == "complete" and j > 0 else None, need_a)
+        c = _from_fibres(out, B, shape, dim); a = _from_fibres(agg, B, shape, dim) if need_a else c
+    return unfold(c, L)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,L,H,Hkv", [((3, 5), 13, 4, 2), ((3, 2, 3), 17, 4, 1), ((5,), 5, 3, 3)])
+def test_one_broadcast_rope_equals_per_hop(mode, shape, L, H, Hkv):
+    q, k, v = (t.requires_grad_() for t in rand(2, H, Hkv, L, 8, seed=3))
+    want = _per_hop_rope(q, k, v, shape, rope_table, mode); g = torch.randn_like(want)
+    got = tensorized_rope_attention(q, k, v, shape, rope_table, backend="torch", causal=mode)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)): torch.testing.assert_close(a, b)
+    assert tensorized_rope_attention(q, k, v, shape, rope_table, backend="torch", causal=mode).equal(got)   # the cached tables
