@@ -7,7 +7,7 @@ row's, the predicted ms beside the measured); the faithful row with
 the SM-light value kernel (--fetch-programs); the faithful row and the best fp8 row again as two half-batches stepped in one graph
 (PairedDecoder: layers interleaved, one fetch stream, the SM-light kernel: one half's PCIe reads overlap the other's GPU work). Per row: batch, ms/step, tok/s, ratio to full attention's best,
 GPU busy share (union of device activity over the step), kernels per step, measured hit rate, PCIe GB per step (misses of the
-host-resident layers), GPU and host bytes per sequence. Batches: the caps computed from the memory model (GPU: free memory after
+host-resident layers), GPU and host bytes per sequence; and per row its 12 costliest kernels (gpu_time_by_kernel). Batches: the caps computed from the memory model (GPU: free memory after
 the weights over the per-sequence bytes plus a workspace; host: MemAvailable less a reserve), then probed downward on the GPU
 until a batch builds and decodes (the host cap is never probed: past it the host swaps rather than fails).
 
@@ -63,8 +63,9 @@ def free_memory():
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 
-def device_profile(dec, tokens, steps: int) -> dict:
-    "Kernels per step and the GPU busy share: the union of device-activity intervals over the profiled steps' wall time."
+def device_profile(dec, tokens, steps: int, top: list | None = None) -> dict:
+    """Kernels per step and the GPU busy share: the union of device-activity intervals over the profiled steps' wall time. `top`, if
+    given, receives the GPU time per step of each kernel name (descending): where a step's time goes, so a gap is measured, not guessed."""
     from torch.profiler import profile, ProfilerActivity
     from torch.autograd import DeviceType
     if not tokens.is_cuda: return dict(kernels_per_step=float("nan"), gpu_busy_share=float("nan"))
@@ -74,7 +75,15 @@ def device_profile(dec, tokens, steps: int) -> dict:
         for _ in range(steps): dec.step(tokens)
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    if top is not None:
+        per = {}
+        for e in events:
+            c = per.setdefault(e.name[:120], [0, 0.0]); c[0] += 1; c[1] += e.time_range.end - e.time_range.start
+        total = sum(us for _, us in per.values()) or 1.0
+        top.extend(dict(kernel=k, calls_per_step=n / steps, gpu_ms_per_step=us / steps / 1e3, share_of_kernel_time=us / total)
+                   for k, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1]))
     busy, end = 0.0, -math.inf
     for s, e in spans:                                         # the two streams overlap: count covered time once
         if e <= end: continue
@@ -121,7 +130,7 @@ def measure(lib, a) -> Measured:
     workspace = a.workspace_mb * 2**20
     rec = thr.synthetic_prefill(model, a.context, a.rank)
     st = lambda **kw: skv.ShadowKVConfig(budget=budget, rank=a.rank, min_prefill=min(1024, a.context), reserve_tokens=max_new, **kw)
-    rows, sens, checks = [], [], []
+    rows, sens, checks, kernel_rows = [], [], [], []
 
     def run_rows(label, method, settings, placements, at=None, predicted_ms=float("nan")):
         """Build at the largest batch that fits (computed, then probed), measure, then each placement on the same cache. `at`:
@@ -145,7 +154,8 @@ def measure(lib, a) -> Measured:
                     cache_reset(cache)
                     dec = thr.StaticDecoder(model, cache, batch, max_new, graphs=cuda, warmup=warm)
                     t = time_decoder(dec, batch, a.steps, cfg.vocab_size, dev)
-                    prof = device_profile(dec, torch.zeros(batch, 1, dtype=torch.long, device=dev), n_profiled)
+                    top = []
+                    prof = device_profile(dec, torch.zeros(batch, 1, dtype=torch.long, device=dev), n_profiled, top)
                     hit = dec.stats()["hit_rate"]
                     L = cfg.num_hidden_layers
                     row_bytes = settings.chunk_size * cfg.head_dim * (1 if settings.value_dtype == "fp8" else dtype_bytes) if settings else 0
@@ -153,6 +163,7 @@ def measure(lib, a) -> Measured:
                     moved = fp["host"] * n_hbm / L if settings else 0.0
                     name = (label + (f", {n_hbm} layers' values in HBM" if n_hbm and at is None else "")
                             + (f", SM-light fetch ({programs} programs)" if programs else ""))
+                    kernel_rows.extend(dict(method=name, batch=batch, **k) for k in top[:12])
                     rows.append(dict(method=name, context=a.context, batch=batch, predicted_ms=predicted_ms if at is not None else float("nan"),
                                      gpu_cap=caps["gpu_cap"], host_cap=caps["host_cap"], hbm_value_layers=n_hbm, **t, **prof,
                                      hit_rate=hit, pcie_GB_per_step=pcie, gpu_GB_per_seq=(fp["gpu"] + moved) / 1e9,
@@ -260,6 +271,7 @@ def measure(lib, a) -> Measured:
         table["ratio_to_full_best"] = table.tok_s / full_best if full_best == full_best else float("nan")
     tables = dict(serving=table)                     # unrounded: the toy's PCIe bytes are far below 1e-4 GB
     if sens: tables["hit_rate_sensitivity"] = pd.DataFrame(sens).round(4)
+    if kernel_rows: tables["gpu_time_by_kernel"] = pd.DataFrame(kernel_rows).round(4)    # the 12 costliest kernels of each row
     print(table.to_string(), flush=True)
     done = table[table.status == "ok"] if len(table) else table
     ok = not checks and len(done) > 0 and bool(done.ms_per_step.map(lambda x: math.isfinite(x) and x > 0).all())
