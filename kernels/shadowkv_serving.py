@@ -114,7 +114,7 @@ def measure(lib, a) -> Measured:
     budget = a.budget or (2048 if a.context >= 96 * 1024 else 1024 if a.context >= 48 * 1024 else 512)
     if cuda and a.gpu_budget_gb:
         total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_budget_gb * 1e9 / total), dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_budget_gb * 1e9 / total), torch.cuda.current_device())   # needs an index, not "cuda"
     cfg = thr.llama_config(**(TINY_MODEL if a.tiny else {}))
     model = thr.random_llama(cfg, dev, torch.bfloat16 if cuda else torch.float32)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
