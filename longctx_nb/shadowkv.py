@@ -204,16 +204,26 @@ def assign_slots(cached_ids: torch.Tensor, new_ids: torch.Tensor):
 
 # %% ../nbs/50_shadowkv.ipynb #27a2007c
 @triton.jit
-def _assign_slots_fwd(CACHED, NEW, MISS_IDS, MISS_SLOTS, N_MISS, UPDATED, K, KP: tl.constexpr):
-    # one program per row of k slots: the k x k comparison, both compactions (cumsum) and the slot update in registers
+def _assign_slots_fwd(CACHED, NEW, MISS_IDS, MISS_SLOTS, N_MISS, UPDATED, KEEP, K, KP: tl.constexpr, BJ: tl.constexpr):
+    # one program per row of k slots. The k x k comparison runs in tiles of BJ held ids, so no k x k tile lives in registers (at
+    # k = 256 the whole-tile version spilled: 0.67 ms per layer at batch 18 on the H200); which held ids are selected again goes
+    # through KEEP, and each free slot's incoming id through MISS_IDS, both read back after a barrier
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, KP)
     ok = i < K
     new = tl.load(NEW + row * K + i, mask=ok, other=-2)
+    hit = tl.zeros([KP], dtype=tl.int32)
+    for jb in range(0, KP, BJ):
+        j = jb + tl.arange(0, BJ)
+        okj = j < K
+        held_j = tl.load(CACHED + row * K + j, mask=okj, other=-3)
+        eq = ((new[:, None] == held_j[None, :]) & ok[:, None] & okj[None, :]).to(tl.int32)
+        hit = tl.maximum(hit, tl.max(eq, axis=1))                       # new[i] is already held
+        tl.store(KEEP + row * K + j, tl.max(eq, axis=0), mask=okj)      # held[j] is selected again
+    tl.debug_barrier()
     held = tl.load(CACHED + row * K + i, mask=ok, other=-3)
-    eq = ((new[:, None] == held[None, :]) & ok[:, None] & ok[None, :]).to(tl.int32)
-    hit = ok & (tl.max(eq, axis=1) > 0)                # new[i] is already held
-    keep = ok & (tl.max(eq, axis=0) > 0)               # held[j] is selected again
+    hit = ok & (hit > 0)
+    keep = ok & (tl.load(KEEP + row * K + i, mask=ok, other=0) > 0)
     miss, free = ok & ~hit, ok & ~keep
     n_miss = tl.sum(miss.to(tl.int32), axis=0)
     n_free = tl.sum(free.to(tl.int32), axis=0)
@@ -225,10 +235,10 @@ def _assign_slots_fwd(CACHED, NEW, MISS_IDS, MISS_SLOTS, N_MISS, UPDATED, K, KP:
     tl.store(MISS_IDS + row * K + pos_new, new, mask=ok)
     tl.store(MISS_SLOTS + row * K + pos_slot, i.to(tl.int64), mask=ok)
     tl.store(N_MISS + row, n_miss.to(tl.int64))
-    # the free slot of rank r takes the miss of rank r (r < n_miss); every other slot keeps its chunk
-    match = (rank_free[:, None] == rank_miss[None, :]) & free[:, None] & miss[None, :]        # [slot j, selected i]
-    incoming = tl.sum(tl.where(match, new[None, :], 0), axis=1)
-    takes = tl.max(match.to(tl.int32), axis=1) > 0
+    tl.debug_barrier()
+    # the free slot of rank r takes the miss of rank r (r < n_miss), the r-th entry of MISS_IDS just written; every other slot keeps its chunk
+    takes = free & (rank_free < n_miss)
+    incoming = tl.load(MISS_IDS + row * K + rank_free, mask=takes, other=0)
     tl.store(UPDATED + row * K + i, tl.where(takes, incoming, held), mask=ok)
 
 def assign_slots_fused(cached_ids: torch.Tensor, new_ids: torch.Tensor):
@@ -239,9 +249,12 @@ def assign_slots_fused(cached_ids: torch.Tensor, new_ids: torch.Tensor):
     cached, new = cached_ids.contiguous(), new_ids.contiguous()
     miss_ids, miss_slots, updated = torch.empty_like(new), torch.empty_like(new), torch.empty_like(cached)
     n_miss = torch.empty(new.shape[:-1], dtype=torch.int64, device=new.device)
+    keep = torch.empty(new.shape, dtype=torch.int32, device=new.device)          # scratch: which held chunk is selected again
     rows = new.numel() // k if k else 0
-    if rows: _assign_slots_fwd[(rows,)](cached, new, miss_ids, miss_slots, n_miss, updated, k, KP=max(16, triton.next_power_of_2(k)),
-                                        num_warps=8 if k > 64 else 4)
+    if rows:
+        KP = max(16, triton.next_power_of_2(k))
+        _assign_slots_fwd[(rows,)](cached, new, miss_ids, miss_slots, n_miss, updated, keep, k, KP=KP, BJ=min(KP, 32),
+                                   num_warps=8 if k > 64 else 4)
     return miss_ids, miss_slots, n_miss, updated
 
 
