@@ -23,8 +23,8 @@ import triton.language as tl
 __all__ = ['PAPER_DEFAULTS', 'PAPER_OUTLIER_FRACTION', 'FP8_MAX', 'ShadowKVConfig', 'ShadowKVLayout', 'shadowkv_layout',
            'low_rank_keys', 'singular_values', 'svd_relative_error', 'chunk_landmarks', 'landmark_scores',
            'assign_slots', 'assign_slots_fused', 'landmark_scores_fused', 'shadow_keys_ref', 'ShadowKeys',
-           'shadow_keys', 'quantize_chunks_fp8', 'dequantize_chunks', 'gather_chunks_ref', 'gather_chunks',
-           'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV']
+           'shadow_keys', 'half_rope_tables', 'quantize_chunks_fp8', 'dequantize_chunks', 'gather_chunks_ref',
+           'gather_chunks', 'ShadowKVLayer', 'ShadowKVCache', 'ShadowKV']
 
 # %% ../nbs/50_shadowkv.ipynb #f0589fd7
 # The official defaults (ByteDance-Seed/ShadowKV, models/kv_cache.py and test/eval_acc.py) at the paper's 128k contexts.
@@ -348,8 +348,9 @@ def _check_shadow_keys_args(U, SV, cos, sin, positions, chunk_ids, chunk_size, s
     if SV.shape[0] != B or SV.shape[2] != R: raise ValueError(f"U {tuple(U.shape)} and SV {tuple(SV.shape)} disagree on batch or rank")
     Hkv, D = SV.shape[1], SV.shape[3]
     if D % 2: raise ValueError(f"head_dim must be even for RoPE, got {D}")
-    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] != D:
-        raise ValueError(f"cos/sin must be [positions, head_dim={D}] tables, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] not in (D, D // 2):
+        raise ValueError(f"cos/sin must be [positions, head_dim={D}] tables (or [positions, {D // 2}]: the first half, where both halves "
+                         f"are equal), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if positions.shape != (B, S): raise ValueError(f"positions must be [B, S] = {(B, S)}, got {tuple(positions.shape)}")
     if chunk_ids.ndim != 3 or chunk_ids.shape[:2] != (B, Hkv): raise ValueError(f"chunk_ids must be [B, Hkv, n] = [{B}, {Hkv}, n], got {tuple(chunk_ids.shape)}")
     if chunk_ids.dtype not in (torch.int32, torch.int64): raise TypeError(f"chunk_ids must be int32/int64, got {chunk_ids.dtype}")
@@ -368,8 +369,10 @@ def shadow_keys_ref(U, SV, cos, sin, positions, chunk_ids, chunk_size: int, slot
     """PyTorch reference of the gather + GEMM + RoPE kernel. For each listed chunk c = chunk_ids[b, h, i] (i < counts[b, h]) and
     each of its tokens t = c*C + j: k = U[b, t] @ SV[b, h] (the rank-r pre-RoPE key), rotated to position positions[b, t]:
     RoPE(k) = k * cos[p] + rotate_half(k) * sin[p]; written to out[b, h, slots[b, h, i]*C + j] (slots default to i).
-    Float32 math; returns `out` (allocated [B, Hkv, n*C, D] in U's dtype when not given)."""
+    Tables of width D/2 stand for [t, t] (see `half_rope_tables`). Float32 math; returns `out` (allocated [B, Hkv, n*C, D] in U's
+    dtype when not given)."""
     B, S, R, Hkv, D, n = _check_shadow_keys_args(U, SV, cos, sin, positions, chunk_ids, chunk_size, slots, counts, out)
+    if cos.shape[1] != D: cos, sin = torch.cat([cos, cos], 1), torch.cat([sin, sin], 1)
     C = chunk_size
     tok = (chunk_ids.long()[..., None] * C + torch.arange(C, device=U.device)).reshape(B, Hkv, n * C)   # [B, Hkv, nC]
     b_idx = torch.arange(B, device=U.device)[:, None, None]
@@ -391,7 +394,7 @@ def _shadow_keys_fwd(U, SV, COS, SIN, POS, IDS, SLOTS, CNT, OUT,
                      su_b, su_s, su_r, ssv_b, ssv_h, ssv_r, ssv_d, sc_p, sp_b, sp_s, si_b, si_h, si_n,
                      sl_b, sl_h, sl_n, so_b, so_h, so_t,
                      R: tl.constexpr, C: tl.constexpr, CPP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HAS_SLOTS: tl.constexpr, HAS_COUNTS: tl.constexpr, IEEE: tl.constexpr):
+                     HAS_SLOTS: tl.constexpr, HAS_COUNTS: tl.constexpr, HALF_TABLE: tl.constexpr, IEEE: tl.constexpr):
     # one program: CPP chunks (BLOCK_T >= CPP*C token rows) of one (batch, kv head). The rank R is a constexpr: the loop
     # bound must be a Python int for the CPU interpreter (numpy >= 2.4 refuses int() of its 1-element scalar arrays).
     pid_bh = tl.program_id(0)
@@ -434,9 +437,13 @@ def _shadow_keys_fwd(U, SV, COS, SIN, POS, IDS, SLOTS, CNT, OUT,
     m2 = live[:, None] & dh_ok[None, :]
     tab = pos[:, None] * sc_p + dh[None, :]
     cos_lo = tl.load(COS + tab, mask=m2, other=0.0)
-    cos_hi = tl.load(COS + tab + D_HALF, mask=m2, other=0.0)
     sin_lo = tl.load(SIN + tab, mask=m2, other=0.0)
-    sin_hi = tl.load(SIN + tab + D_HALF, mask=m2, other=0.0)
+    if HALF_TABLE:                                   # the tables hold one half (both halves equal): half the table bytes read
+        cos_hi = cos_lo
+        sin_hi = sin_lo
+    else:
+        cos_hi = tl.load(COS + tab + D_HALF, mask=m2, other=0.0)
+        sin_hi = tl.load(SIN + tab + D_HALF, mask=m2, other=0.0)
     out_lo = acc_lo * cos_lo - acc_hi * sin_lo       # RoPE, rotate-half convention: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
     out_hi = acc_hi * cos_hi + acc_lo * sin_hi
     dst = OUT + b * so_b + h * so_h + (slot * C + j)[:, None] * so_t + dh[None, :]
@@ -472,7 +479,7 @@ class ShadowKeys(torch.autograd.Function):
             sl.stride(0), sl.stride(1), sl.stride(2), out.stride(0), out.stride(1), out.stride(2),
             R=R, C=C, CPP=cpp, BLOCK_T=block_t, BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
             BLOCK_H=max(16, triton.next_power_of_2(D // 2)), HAS_SLOTS=slots is not None, HAS_COUNTS=counts is not None,
-            IEEE=U.dtype == torch.float32)
+            HALF_TABLE=cos.shape[1] != D, IEEE=U.dtype == torch.float32)
         return out
 
     @staticmethod
@@ -482,6 +489,14 @@ class ShadowKeys(torch.autograd.Function):
 def shadow_keys(U, SV, cos, sin, positions, chunk_ids, chunk_size: int, slots=None, counts=None, out=None, block_t: int | None = None):
     "The Triton gather + GEMM + RoPE kernel (see `ShadowKeys`); `shadow_keys_ref` is its PyTorch reference."
     return ShadowKeys.apply(U, SV, cos, sin, positions, chunk_ids, chunk_size, slots, counts, out, block_t)
+
+def half_rope_tables(cos: torch.Tensor, sin: torch.Tensor):
+    """(cos[:, :D/2], sin[:, :D/2]) when each table's two halves are equal, else the tables unchanged. Rotate-half RoPE tables
+    are cat(freqs, freqs) for every rope type transformers builds, so the rebuild kernel can read one half: at 122k and batch 18
+    the fp32 tables were about 2/3 of its bytes. Compared exactly, so a table with unequal halves keeps the full path."""
+    h = cos.shape[1] // 2
+    if torch.equal(cos[:, :h], cos[:, h:]) and torch.equal(sin[:, :h], sin[:, h:]): return cos[:, :h].contiguous(), sin[:, :h].contiguous()
+    return cos, sin
 
 # %% ../nbs/50_shadowkv.ipynb #638c7d69
 FP8_MAX = 448.0   # the largest finite float8_e4m3fn
@@ -727,7 +742,7 @@ class ShadowKVCache(HookedKVCache):
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
             rotary = LlamaRotaryEmbedding(cfg)
         self.rotary_emb = rotary
-        self.cos = self.sin = None
+        self.cos = self.sin = self.cos_rebuild = self.sin_rebuild = None
         self._rope_checked, self._copy_stream, self._staging, self._uva = False, None, None, None
         self.hits = self.lookups = self.fetched_bytes = 0
         self._misses, self._uva_lookups, self._row_bytes = None, 0, 0   # the zero-copy path's counters (misses stay on the device)
@@ -743,6 +758,7 @@ class ShadowKVCache(HookedKVCache):
         if self.cos is None or self.cos.shape[0] < n_positions or self.cos.device != torch.device(device):
             rot = self.rotary_emb.to(device)
             self.cos, self.sin = rope_tables(rot, max(n_positions, 1), device)
+            self.cos_rebuild, self.sin_rebuild = half_rope_tables(self.cos, self.sin)   # at prefill, never inside a captured step
 
     def check_pre_rope(self, k_pre, keys, positions, valid):
         "The captured k_proj output, rotated by our tables, must give the model's post-RoPE keys (else the model changes keys between them)."
@@ -766,7 +782,7 @@ class ShadowKVCache(HookedKVCache):
     def rebuild_keys(self, U, SV, positions, chunk_ids, chunk_size, slots, counts, out):
         kernel = self.settings.kernel
         use_triton = kernel == "triton" or (kernel == "auto" and U.is_cuda)      # "auto": the compiled kernel where the tensors are on a GPU
-        (shadow_keys if use_triton else shadow_keys_ref)(U, SV, self.cos, self.sin, positions, chunk_ids, chunk_size, slots=slots, counts=counts, out=out)
+        (shadow_keys if use_triton else shadow_keys_ref)(U, SV, self.cos_rebuild, self.sin_rebuild, positions, chunk_ids, chunk_size, slots=slots, counts=counts, out=out)
 
     def side_stream(self, device) -> "torch.cuda.Stream":
         "The stream value fetches run on (one per cache)."

@@ -15,7 +15,7 @@ from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill
 from longctx_nb.shadowkv import (
     ShadowKV, ShadowKVConfig, ShadowKVCache, shadowkv_layout, low_rank_keys, svd_relative_error, chunk_landmarks, landmark_scores,
     landmark_scores_fused,
-    assign_slots, assign_slots_fused, shadow_keys, shadow_keys_ref,
+    assign_slots, assign_slots_fused, shadow_keys, shadow_keys_ref, half_rope_tables,
     gather_chunks, gather_chunks_ref, quantize_chunks_fp8, dequantize_chunks, FP8_MAX)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"    # kernel tests: the compiled kernel on CUDA, the interpreter on CPU
@@ -58,6 +58,28 @@ def test_kernel_slots_and_counts_leave_other_rows_alone(shape):
     assert torch.equal(written, counts)                                   # exactly the first counts[b, h] chunks were written
     torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-5)
 
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4]], ids=[ids_of(SHAPES[1]), ids_of(SHAPES[4])])
+def test_kernel_half_tables_equal_the_full_tables(shape):
+    "RoPE tables whose halves are equal (every real one) passed as their first half: kernel and reference give the full tables' keys."
+    B, Sc, R, Hkv, D, C, n = shape
+    U, SV, cos, sin, pos, ids = _kernel_inputs(*shape, real_rope=True)
+    cos_h, sin_h = half_rope_tables(cos, sin)
+    assert cos_h.shape == (cos.shape[0], D // 2) and torch.equal(cos_h, cos[:, :D // 2])
+    full = shadow_keys_ref(U, SV, cos, sin, pos, ids, C)
+    torch.testing.assert_close(shadow_keys_ref(U, SV, cos_h, sin_h, pos, ids, C), full, rtol=0, atol=0)
+    out = torch.full_like(full, float("nan"))
+    shadow_keys(U, SV, cos_h, sin_h, pos, ids, C, out=out)
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+
+def test_half_rope_tables_keeps_tables_with_unequal_halves():
+    _, _, cos, sin, _, _ = shadow_keys_inputs(1, 4, 16, 1, 32, 8, 2)                 # random tables: halves differ
+    c, s = half_rope_tables(cos, sin)
+    assert c is cos and s is sin
+    cos2 = torch.cat([cos[:, :16]] * 2, 1)                                          # cos halves equal, sin's not: still the full pair
+    assert half_rope_tables(cos2, sin)[0] is cos2
+    rot_cos, rot_sin = rope_tables(__import__("transformers").models.llama.modeling_llama.LlamaRotaryEmbedding(tiny_llama_config()), 64, "cpu")
+    assert half_rope_tables(rot_cos, rot_sin)[0].shape[1] == rot_cos.shape[1] // 2   # a model's real tables: halves equal
+
 def test_kernel_writes_into_a_strided_view():
     U, SV, cos, sin, pos, ids = _kernel_inputs(2, 6, 20, 2, 32, 8, 3)
     buf = torch.full((2, 2, 64, 32), float("nan"), device=DEV)
@@ -71,7 +93,7 @@ def test_kernel_bad_inputs():
     with pytest.raises(ValueError, match="disagree on batch or rank"):
         shadow_keys(U, SV[:, :, :8], cos, sin, pos, ids, 8)
     with pytest.raises(ValueError, match="head_dim"):
-        shadow_keys(U, SV, cos[:, :16], sin[:, :16], pos, ids, 8)
+        shadow_keys(U, SV, cos[:, :12], sin[:, :12], pos, ids, 8)        # neither head_dim (32) nor its half
     with pytest.raises(ValueError, match="whole number of chunks"):
         shadow_keys(U, SV, cos, sin, pos, ids, 5)
     with pytest.raises(TypeError, match="float32"):
