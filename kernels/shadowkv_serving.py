@@ -3,8 +3,9 @@ CUDA graphs (notebook 51's StaticDecoder) at the largest batch that fits, on the
 attention; ShadowKV paper-faithful (bf16 values in page-locked host memory); fp8 values; each of those with the values of as many
 layers as fit moved to HBM (the count from the memory model); the batch and placement chosen together (notebook 51's
 serving_point, its step model fitted to the two rows before it: its best point and its best at a larger batch than the host-capped
-row's, the predicted ms beside the measured); the faithful row with
-the SM-light value kernel (--fetch-programs); the faithful row and the best fp8 row again as two half-batches stepped in one graph
+row's, the predicted ms beside the measured); where no layer's values fit
+beside the host-capped batch (the 80 GB budget), every layer's values in HBM at the largest batch that holds them instead; the
+faithful row with the SM-light value kernel (--fetch-programs); the faithful row and the best fp8 row again as two half-batches stepped in one graph
 (PairedDecoder: layers interleaved, one fetch stream, the SM-light kernel: one half's PCIe reads overlap the other's GPU work). Per row: batch, ms/step, tok/s, ratio to full attention's best,
 GPU busy share (union of device activity over the step), kernels per step, measured hit rate, PCIe GB per step (misses of the
 host-resident layers), GPU and host bytes per sequence; and per row its 12 costliest kernels (gpu_time_by_kernel). Batches: the caps computed from the memory model (GPU: free memory after
@@ -192,7 +193,14 @@ def measure(lib, a) -> Measured:
         ok = [r for r in rows if r.get("status") == "ok" and r["method"].startswith(label) and "joint" not in r["method"] and "SM-light" not in r["method"]]
         host = next((r for r in ok if r["hbm_value_layers"] == 0), None)
         placed = next((r for r in ok if r["hbm_value_layers"] > 0 and host is not None and r["batch"] == host["batch"]), None)
-        if not cuda or host is None or placed is None: return
+        if not cuda or host is None: return
+        if placed is None:
+            # no layer's values fit beside the host-capped batch (the 80 GB budget), so there is no second point to fit a step model
+            # to: measure the other end instead, every layer's values in HBM at the largest batch that holds them
+            L, room = cfg.num_hidden_layers, gpu_free - a.placement_margin_gb * 2**30
+            fits = [b for b in range(1, a.max_batch + 1) if thr.hbm_value_layers(cfg, a.context, settings, b, room, workspace, dtype_bytes) == L]
+            if fits: run_rows(f"{label}, every layer's values in HBM at the largest batch that holds them", "shadowkv", settings, None, at=(max(fits), L))
+            return
         try: model_ = thr.fit_step_model(host["batch"], host["ms_per_step"], placed["ms_per_step"], host["pcie_GB_per_step"],
                                          placed["hbm_value_layers"], cfg.num_hidden_layers, weight_ms)
         except ValueError as e: print(f"{label}: no step model ({e}); no joint row", flush=True); return
@@ -262,7 +270,8 @@ def measure(lib, a) -> Measured:
         if "joint" not in a.skip: run_joint(label, st(**kw), weight_ms)
     light = dict(fetch_programs=a.fetch_programs)
     if "pairs" not in a.skip: run_paired(f"{faithful}, two half-batches overlapped", st(**light), faithful)
-    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok" and "joint" not in r["method"] and "SM-light" not in r["method"]]
+    placed_fp8 = [r["method"] for r in rows if r["method"].startswith(fp8 + ",") and r.get("status") == "ok" and "joint" not in r["method"] and "SM-light" not in r["method"]
+                 and "every layer" not in r["method"]]      # the pair repeats a placement row, not the all-in-HBM fallback
     if "pairs" not in a.skip:
         run_paired(f"{placed_fp8[0] if placed_fp8 else fp8}, two half-batches overlapped", st(value_dtype="fp8", **light), placed_fp8[0] if placed_fp8 else fp8)
     table = pd.DataFrame(rows)
