@@ -9,6 +9,7 @@ import pytest
 import torch
 import longctx_nb.core  # noqa: F401  (before triton)
 from helpers import tiny_llama_config, needs_interpreter, shadow_keys_inputs, gather_inputs, assert_dropped_caches_are_freed
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from longctx_nb.models import rope_tables, rotate_half
 from longctx_nb.evals import greedy_generate
 from longctx_nb.kvcache import PrefillRecord, LayerState, attend, record_prefill, host_empty, SnapKV, StreamingLLM, QuestPages
@@ -77,7 +78,7 @@ def test_half_rope_tables_keeps_tables_with_unequal_halves():
     assert c is cos and s is sin
     cos2 = torch.cat([cos[:, :16]] * 2, 1)                                          # cos halves equal, sin's not: still the full pair
     assert half_rope_tables(cos2, sin)[0] is cos2
-    rot_cos, rot_sin = rope_tables(__import__("transformers").models.llama.modeling_llama.LlamaRotaryEmbedding(tiny_llama_config()), 64, "cpu")
+    rot_cos, rot_sin = rope_tables(LlamaRotaryEmbedding(tiny_llama_config()), 64, "cpu")
     assert half_rope_tables(rot_cos, rot_sin)[0].shape[1] == rot_cos.shape[1] // 2   # a model's real tables: halves equal
 
 def test_kernel_writes_into_a_strided_view():
