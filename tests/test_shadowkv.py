@@ -367,7 +367,6 @@ def _random_records(cfg, B, S, seed=0, rank=None):
     "Records of a weightless prefill: random pre-RoPE keys (low rank when `rank`), their RoPE, random values."
     g = torch.Generator().manual_seed(seed)
     Hkv, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     cos, sin = rope_tables(LlamaRotaryEmbedding(cfg), S, "cpu")
     recs = []
     for _ in range(cfg.num_hidden_layers):
