@@ -279,15 +279,20 @@ def test_serving_benchmark_runs_end_to_end_on_cpu(tmp_path):
     import pandas as pd
     from kernels import shadowkv_serving
     assert shadowkv_serving.main(["--tiny", "--sensitivity", "--out", str(tmp_path)]) == 0
-    t = pd.read_csv(tmp_path / "serving.csv").set_index("method")
-    assert list(t.index) == ["full attention", "ShadowKV host values (paper-faithful)",
+    raw = pd.read_csv(tmp_path / "serving.csv")
+    full = raw[raw.method.str.startswith("full attention")]
+    assert list(full.method) == ["full attention"] + ["full attention, smaller batch"] * 2
+    # the toy's largest full batch is 4; the default fractions 0.9..0.5 of it round to 4, 3, 3, 2, 2: two smaller batches, largest first
+    assert list(full.batch) == [4, 3, 2] and full.ratio_to_full_best.max() == 1.0     # the ratio is to the best full row, whichever batch
+    t = raw[~raw.method.str.startswith("full attention")].set_index("method")
+    assert list(t.index) == ["ShadowKV host values (paper-faithful)",
                              "ShadowKV host values (paper-faithful), SM-light fetch (16 programs)", "ShadowKV fp8 values",
                              "ShadowKV host values (paper-faithful), two half-batches overlapped", "ShadowKV fp8 values, two half-batches overlapped"]
-    assert t.iloc[2].batch == t.iloc[4].batch == t.iloc[1].batch and t.iloc[5].batch == t.iloc[3].batch   # SM-light and pair at its row's batch
+    assert t.iloc[1].batch == t.iloc[3].batch == t.iloc[0].batch and t.iloc[4].batch == t.iloc[2].batch   # SM-light and pair at its row's batch
     assert t.predicted_ms.isna().all()                     # no joint row on CPU: its step model needs two measured placements
     assert t.loc["ShadowKV host values (paper-faithful)", "batch"] == t.loc["ShadowKV host values (paper-faithful)", "host_cap"] == 2
-    assert t.loc["ShadowKV fp8 values", "batch"] == 4 and t.loc["full attention", "ratio_to_full_best"] == 1.0
-    assert (t.ms_per_step > 0).all() and t.hit_rate.iloc[1:].between(0, 1).all() and (t.pcie_GB_per_step.iloc[1:] > 0).all()
+    assert t.loc["ShadowKV fp8 values", "batch"] == 4
+    assert (raw.ms_per_step > 0).all() and t.hit_rate.between(0, 1).all() and (t.pcie_GB_per_step > 0).all()
     assert (s := pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")).method.eq("ShadowKV host values (paper-faithful)").all()   # the default grid only
     s = pd.read_csv(tmp_path / "hit_rate_sensitivity.csv")  # five rows: the default grid only
     assert list(s.injected_hit_rate) == [0.0, 0.25, 0.5, 0.75, 0.9]
@@ -394,5 +399,13 @@ def test_constructed_cache_places_values_before_repeating():
 def test_serving_benchmark_skips_rows_on_request(tmp_path):
     import pandas as pd
     from kernels import shadowkv_serving
-    assert shadowkv_serving.main(["--tiny", "--skip", "pairs", "light", "--out", str(tmp_path)]) == 0
-    assert list(pd.read_csv(tmp_path / "serving.csv").method) == ["full attention", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"]
+    assert shadowkv_serving.main(["--tiny", "--skip", "pairs", "light", "--full-fractions", "0.5", "--out", str(tmp_path)]) == 0
+    t = pd.read_csv(tmp_path / "serving.csv")
+    assert list(t.method) == ["full attention", "full attention, smaller batch", "ShadowKV host values (paper-faithful)", "ShadowKV fp8 values"]
+    assert list(t.batch[:2]) == [4, 2]
+
+@pytest.mark.parametrize("text", ["0", "1", "0.5,1.2", "-0.1", "half", ""])
+def test_serving_benchmark_refuses_bad_full_fractions(text, capsys):
+    from kernels import shadowkv_serving
+    with pytest.raises(SystemExit): shadowkv_serving.main(["--tiny", "--full-fractions", text])
+    assert "--full-fractions" in capsys.readouterr().err
