@@ -286,9 +286,18 @@ _LAST_CHECK: dict = {}
 
 def _check_mask_and_positions(mask, position_ids, Lq: int, S: int):
     """Tensorized attention is causal over one unpadded sequence per row: refuse masks and position ids that say otherwise. Every layer of
-    a forward gets the same mask and position tensors: they are checked once (the check reads them on the host, a device sync)."""
+    a forward gets the same mask and position tensors: they are checked once (the check reads them on the host, a device sync).
+    Inside a CUDA-graph capture nothing may be read on the host: the check then requires that the last forward run eagerly had the
+    same shapes (the capture repeats that forward on the same inputs: `forward_ms(..., graphs=True)` runs it first) and takes a
+    boolean mask of those shapes on trust (transformers materializes the plain causal mask while capturing, where eagerly it passes
+    None for the same inputs)."""
     ref = lambda t: None if t is None else weakref.ref(t)
     last = _LAST_CHECK.get("last")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if last is None or last[0] != (Lq, S) or (mask is not None and (mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (Lq, S))):
+            raise RuntimeError(f"a CUDA graph of a tensorized forward ({Lq} queries over {S} keys) must be captured right after the same "
+                               "forward ran eagerly: its mask and position checks read the device, which a capture cannot")
+        return
     if last is not None and last[0] == (Lq, S) and all((r is None and t is None) or (r is not None and r() is t)
                                                        for r, t in zip(last[1:], (mask, position_ids))): return
     if mask is not None:
@@ -489,11 +498,24 @@ def perplexity_by_length(models: dict, windows: dict, tok=None, key_tokens: dict
     return pd.DataFrame(rows)
 
 @torch.no_grad()
-def forward_ms(model: nn.Module, L: int, batch: int = 1, warmup: int = 1, reps: int = 3, seed: int = 0) -> float:
-    "Median ms of one decoder forward (`batch` rows of L random tokens, no cache, no LM head) of `model`."
+def forward_ms(model: nn.Module, L: int, batch: int = 1, warmup: int = 1, reps: int = 3, seed: int = 0, graphs: bool = False) -> float:
+    """Median ms of one decoder forward (`batch` rows of L random tokens, no cache, no LM head) of `model`. `graphs=True` (CUDA only)
+    captures the forward once as a CUDA graph and times its replays: the GPU's time with no host issue (compare models timed alike)."""
     dev = next(model.parameters()).device
+    if graphs and dev.type != "cuda": raise ValueError(f"graphs=True captures a CUDA graph: the model is on {dev}, not a CUDA device")
     ids = torch.randint(0, model.config.vocab_size, (batch, L), generator=torch.Generator().manual_seed(seed)).to(dev)
-    return benchmark(lambda: model.model(input_ids=ids, use_cache=False), warmup=warmup, reps=reps)["median_ms"]
+    run = lambda: model.model(input_ids=ids, use_cache=False)
+    if not graphs: return benchmark(run, warmup=warmup, reps=reps)["median_ms"]
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):                    # warm-up off the default stream, as capture wants: compiles the Triton kernels,
+        for _ in range(max(2, warmup)): run()        # fills the RoPE-table caches and runs the host-side checks eagerly
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph): run()
+    try: return benchmark(graph.replay, warmup=warmup, reps=reps)["median_ms"]
+    finally:
+        del graph; torch.cuda.empty_cache()          # the graph's memory pool holds a whole forward's working set
 
 # %% ../nbs/11_tensorized_models.ipynb #5bd8a768
 @torch.no_grad()

@@ -371,6 +371,51 @@ def test_rope_tables_are_cached_and_checks_run_once_per_forward(tiny_llama):
     assert cos.shape == (2, 40, 16) and cos.stride()[:2] == (0, 0) and (cos == 1).all() and (sin == 0).all()   # views of one row
 
 
+def test_forward_ms_graphs_needs_cuda(tiny_llama):
+    from longctx_nb.tensorized_models import forward_ms
+    if torch.cuda.is_available(): pytest.skip("checks the message given where the model is not on a GPU")
+    with pytest.raises(ValueError, match="captures a CUDA graph: the model is on cpu"): forward_ms(tiny_llama, 16, graphs=True)
+
+
+@pytest.mark.parametrize("causal", MODES)
+def test_forward_in_a_capture_reads_nothing_on_the_host(tiny_llama, causal, monkeypatch):
+    """What a CUDA-graph capture requires, checked on CPU with the capture flag patched on: after an eager forward of the same shape a
+    capture-mode forward makes no host read at all (transformers' own packed-sequence check is skipped while capturing too) and
+    computes the same; a capture-mode forward at a shape no eager forward checked is refused, saying why."""
+    import longctx_nb.tensorized_models as TM
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Syncs(TorchDispatchMode):
+        n = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += str(func.overloadpacket) == "aten._local_scalar_dense"
+            return func(*args, **(kwargs or {}))
+    tz = tensorize(tiny_llama, shape=(5, 8), causal=causal)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        eager = tz.model(input_ids=ids, use_cache=False).last_hidden_state
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        with Syncs() as c: captured = tz.model(input_ids=ids, use_cache=False).last_hidden_state
+        assert c.n == 0 and torch.equal(captured, eager)
+        TM._LAST_CHECK.clear()
+        with pytest.raises(RuntimeError, match="must be captured right after the same forward ran eagerly"):
+            tz.model(input_ids=ids[:, :33], use_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", MODES)
+def test_forward_ms_graphs_times_full_and_tensorized_forwards(causal):
+    "On CUDA: the graphed forward of the untouched and the tensorized model (Triton engine, padded shape) captures and times."
+    from helpers import tiny_llama as make
+    from longctx_nb.tensorized_models import forward_ms
+    m = make().cuda()
+    tz = tensorize(make().cuda(), shape=(7, 8), causal=causal, backend="triton")
+    for model in (m, tz):
+        for graphs in (False, True):
+            ms = forward_ms(model, 50, batch=3, warmup=1, reps=3, graphs=graphs)
+            assert math.isfinite(ms) and ms > 0
+
+
 # ---------------------------------------------------------------- RULER adapter, checkpoints
 @pytest.fixture(scope="module")
 def smol_tok():
