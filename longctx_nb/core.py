@@ -15,9 +15,9 @@ import numpy as np
 # %% auto #0
 __all__ = ['TRITON_INTERPRET', 'CONFIGS', 'TOLERANCES', 'PEAKS', 'PAPER_VS_OURS_COLUMNS', 'configure_triton_interpreter',
            'Preset', 'resolve_config', 'choose_preset', 'seed_everything', 'default_device', 'device_name', 'Timer',
-           'benchmark', 'nan_poison', 'assert_close', 'DevicePeaks', 'device_peaks', 'library_versions', 'run_meta',
-           'paper_vs_ours', 'save_report', 'find_repo_root', 'list_notebooks', 'run_notebook', 'build_reports_index',
-           'reproduce', 'reproduce_cli', 'notebook_parameters']
+           'capture_graph', 'benchmark', 'nan_poison', 'assert_close', 'DevicePeaks', 'device_peaks',
+           'library_versions', 'run_meta', 'paper_vs_ours', 'save_report', 'find_repo_root', 'list_notebooks',
+           'run_notebook', 'build_reports_index', 'reproduce', 'reproduce_cli', 'notebook_parameters']
 
 # %% ../nbs/00_core.ipynb #f1fed22c
 def _cuda_available() -> bool:
@@ -118,6 +118,20 @@ class Timer:
     def __exit__(self, *exc):
         self._sync(); self.elapsed = time.perf_counter() - self.start
         if self.verbose: print(f"{self.name or 'block'}: {self.elapsed:.3f} s")
+
+def capture_graph(step: Callable[[], Any], device=None, warmup: int = 1, reset: Callable[[], Any] | None = None):
+    "`step` captured as a `torch.cuda.CUDAGraph` on `device`, after `warmup` (at least 1) eager runs on a side stream; `reset()` after both."
+    import torch
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)): step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if reset: reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph): step()
+    if reset: reset()
+    return graph
 
 def benchmark(fn: Callable[[], Any], warmup: int = 5, reps: int = 20, setup: Callable[[], Any] | None = None) -> dict:
     "Median/quartile milliseconds of `fn()` over `reps` timed runs after `warmup`; `setup()` (untimed) runs before each call."

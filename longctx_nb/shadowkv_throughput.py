@@ -330,17 +330,8 @@ def reset(self: StaticDecoder):
 
 @patch
 def _capture(self: StaticDecoder, warmup: int) -> "torch.cuda.CUDAGraph":
-    "Warm up on a side stream (Triton compiles, cuBLAS picks its kernels, the allocator settles), then capture one step."
-    side = torch.cuda.Stream(self.device)
-    side.wait_stream(torch.cuda.current_stream(self.device))
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)): self._step()
-    torch.cuda.current_stream(self.device).wait_stream(side)
-    self.reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph): self._step()
-    self.reset()                                       # capture records work without running it; state is as reset
-    return graph
+    "One decode step captured (core's `capture_graph`: warm-up on a side stream, then the capture), the state reset after both."
+    return capture_graph(self._step, self.device, warmup, reset=self.reset)
 
 @patch
 def step(self: StaticDecoder, tokens: torch.Tensor) -> torch.Tensor:
@@ -431,16 +422,7 @@ class PairedDecoder:
         if self._stream is not None and all(isinstance(c, ShadowKVCache) for c in caches):
             caches[1]._copy_stream = caches[0].side_stream(dev)          # one fetch stream: the halves' gathers take turns on PCIe
         self.graph = None
-        if graphs:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(max(1, warmup)): self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.reset()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph): self._step()
-            self.reset()
+        if graphs: self.graph = capture_graph(self._step, dev, warmup, reset=self.reset)
 
     def _step(self):
         "Both halves' steps, layer by layer in turn; on CUDA half 1 on its own stream (forked from and joined to the current one)."

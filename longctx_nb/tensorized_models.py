@@ -506,13 +506,8 @@ def forward_ms(model: nn.Module, L: int, batch: int = 1, warmup: int = 1, reps: 
     ids = torch.randint(0, model.config.vocab_size, (batch, L), generator=torch.Generator().manual_seed(seed)).to(dev)
     run = lambda: model.model(input_ids=ids, use_cache=False)
     if not graphs: return benchmark(run, warmup=warmup, reps=reps)["median_ms"]
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):                    # warm-up off the default stream, as capture wants: compiles the Triton kernels,
-        for _ in range(max(2, warmup)): run()        # fills the RoPE-table caches and runs the host-side checks eagerly
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph): run()
+    # the warm-up compiles the Triton kernels, fills the RoPE-table caches and runs the host-side checks eagerly, before the capture
+    graph = capture_graph(run, dev, warmup=max(2, warmup))
     try: return benchmark(graph.replay, warmup=warmup, reps=reps)["median_ms"]
     finally:
         del graph; torch.cuda.empty_cache()          # the graph's memory pool holds a whole forward's working set

@@ -161,3 +161,16 @@ def test_reproduce_cli_passes_params_to_every_notebook(monkeypatch):
     monkeypatch.setattr(core, "reproduce", fake_reproduce)
     assert core.reproduce_cli(["--config", "smoke", "--only", "40", "--param", "train_batch=2", "--param", "lr=3e-5"]) == 0
     assert seen == dict(parameters=dict(train_batch=2, lr=3e-5), only=["40"])
+
+
+@pytest.mark.gpu
+def test_capture_graph_replays_the_step_and_resets_around_the_capture():
+    "capture_graph: warm-up runs eagerly, reset() after the warm-up and after the capture, each replay redoes the step on the GPU."
+    x = torch.zeros(4, device="cuda"); calls = []
+    def step(): x.add_(1.0)
+    def reset(): calls.append(float(x[0])); x.zero_()
+    graph = core.capture_graph(step, "cuda", warmup=3, reset=reset)
+    assert calls == [3.0, 0.0]                       # the warm-up ran three times; the capture itself ran nothing
+    for _ in range(5): graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, torch.full((4,), 5.0, device="cuda"))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 import longctx_nb.core  # noqa: F401  (TRITON_INTERPRET=1 on CPU before triton is imported)
 from longctx_nb.models import repeat_kv, attention_modules, train_lm, apply_rope, set_rope_scaling
 from longctx_nb.tensorized import tensorized_attention_ref
@@ -351,14 +352,16 @@ def test_beam_search_with_cache_equals_without(tiny_llama, causal):
 
 
 # ---------------------------------------------------------------- the forward's overheads
+class Syncs(TorchDispatchMode):
+    "Counts host reads of device values (aten._local_scalar_dense) below autograd while active."
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += str(func.overloadpacket) == "aten._local_scalar_dense"
+        return func(*args, **(kwargs or {}))
+
+
 def test_rope_tables_are_cached_and_checks_run_once_per_forward(tiny_llama):
     "A warm forward builds no RoPE table and reads the host once (the position check) beyond the untensorized model's own syncs."
-    from torch.utils._python_dispatch import TorchDispatchMode
-    class Syncs(TorchDispatchMode):
-        n = 0
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += str(func.overloadpacket) == "aten._local_scalar_dense"
-            return func(*args, **(kwargs or {}))
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7))
     def syncs(m):
         with torch.no_grad(), Syncs() as c: m.model(input_ids=ids, use_cache=False)
@@ -383,12 +386,6 @@ def test_forward_in_a_capture_reads_nothing_on_the_host(tiny_llama, causal, monk
     capture-mode forward makes no host read at all (transformers' own packed-sequence check is skipped while capturing too) and
     computes the same; a capture-mode forward at a shape no eager forward checked is refused, saying why."""
     import longctx_nb.tensorized_models as TM
-    from torch.utils._python_dispatch import TorchDispatchMode
-    class Syncs(TorchDispatchMode):
-        n = 0
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += str(func.overloadpacket) == "aten._local_scalar_dense"
-            return func(*args, **(kwargs or {}))
     tz = tensorize(tiny_llama, shape=(5, 8), causal=causal)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
