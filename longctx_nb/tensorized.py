@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['CAUSAL_MODES', 'BACKENDS', 'causal_mode', 'choose_factorization', 'normalize_shape', 'hop_order', 'fold', 'unfold',
-           'tensorized_attention_ref', 'tensorized_attention_matrix', 'tensorized_mask', 'causal_coverage',
-           'TensorizedAttentionFunction', 'TensorizedCompleteFunction', 'tensorized_attention',
+__all__ = ['CAUSAL_MODES', 'FUSED_BWD_MAX_BLOCK', 'BACKENDS', 'causal_mode', 'choose_factorization', 'normalize_shape',
+           'hop_order', 'fold', 'unfold', 'tensorized_attention_ref', 'tensorized_attention_matrix', 'tensorized_mask',
+           'causal_coverage', 'TensorizedAttentionFunction', 'TensorizedCompleteFunction', 'tensorized_attention',
            'TensorizedCompleteHopFunction', 'tensorized_complete_hop', 'tensorized_cost', 'sdpa_cost',
            'correctness_sweep', 'benchmark_vs_sdpa']
 
@@ -297,12 +297,13 @@ def _tensorized_hop_fwd(Q, K, V, O, LSE,
 
 # %% ../nbs/10_tensorized_attention.ipynb #e6806eea
 @triton.jit
-def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
+def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ_ACC, DQ,
                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                            H, L, N_K, STRIDE, KV_GROUP, V_GROUP, D, qk_scale, sm_scale,
-                           HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           PRECISION: tl.constexpr = "ieee"):
-    "Backward of one hop, per query block: Delta = rowsum(dO*O) (stored for the dK/dV kernel), DQ += scale * dS K (fp32)."
+                           HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one hop, per query block: Delta = rowsum(dO*O) (stored for the dK/dV kernel) and DQ = scale * dS K, plus the fp32
+    running sum DQ_ACC of the hops done before when ACCUMULATE (DQ: that running sum, or at the last hop the returned gradient)."""
     pid = tl.program_id(0); bh = tl.program_id(1)
     b = (bh // H).to(tl.int64); h = bh % H
     mb, base, offs_m, pos_m, row_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_M)
@@ -330,18 +331,19 @@ def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ,
         if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
         p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs = DQ + b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
-    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qmask, other=0.0) + dq * sm_scale, mask=qmask)
+    dq = dq * sm_scale
+    if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
+    tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
 
 # %% ../nbs/10_tensorized_attention.ipynb #1cf5c316
 @triton.jit
-def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_ACC, DK, DV,
                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdvb, sdvh, sdvl,
                              H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
-                             HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, V_SHARED: tl.constexpr,
+                             HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, V_SHARED: tl.constexpr, ACCUMULATE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
     """Backward of one hop, per key block of one key/value head: loops over the query heads of its GQA group and the query blocks.
-    DK += scale * dS^T Q (fp32); DV = P^T dO. V_SHARED: the hop's values are the key/value head's (first hop), so dV sums over the group."""
+    DK = scale * dS^T Q (+ DK_ACC, the fp32 running sum, when ACCUMULATE); DV = P^T dO. V_SHARED: the hop's values are the key/value head's (first hop), so dV sums over the group."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
     nb, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)
@@ -378,8 +380,59 @@ def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             tl.store(DV + b * sdvb + h.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
     if V_SHARED:
         tl.store(DV + b * sdvb + hk.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-    dk_ptrs = DK + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
-    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask, other=0.0) + dk * sm_scale, mask=kv_mask)
+    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    dk = dk * sm_scale
+    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+
+# %% ../nbs/10_tensorized_attention.ipynb #b8e4d3f2
+@triton.jit
+def _tensorized_hop_bwd_fused(Q, K, V, O, DO, LSE, DQ_ACC, DQ, DK_ACC, DK, DV,
+                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdvb, sdvh, sdvl,
+                              H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
+                              HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, V_SHARED: tl.constexpr, ACCUMULATE: tl.constexpr,
+                              BLOCK: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one hop whose fibres fit one tile (N_K <= BLOCK), per fibre and key/value head, over its GQA group's query heads:
+    one score tile per query head gives Delta, DQ, DK and DV (no Delta buffer, no second pass). DQ/DK: scale * dS K and scale * dS^T Q,
+    plus the fp32 running sums DQ_ACC/DK_ACC when ACCUMULATE. V_SHARED (first hop): V is the key/value head's, so DV sums the group."""
+    pid = tl.program_id(0); bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
+    _, base, offs, pos, ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK)
+    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
+    mask = ok[:, None] & d_ok[None, :]
+    keep = ok[:, None] & ok[None, :]
+    if CAUSAL: keep = keep & _causal_keep(offs, offs, False)
+    k_off = b * skb + hk.to(tl.int64) * skh + pos[:, None] * skl + offs_d[None, :]
+    k = tl.load(K + k_off, mask=mask, other=0.0)
+    dk = tl.zeros([BLOCK, HEAD_D], tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_D], tl.float32)
+    if V_SHARED:
+        v = tl.load(V + b * svb + hk.to(tl.int64) * svh + pos[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
+    for g in range(0, KV_GROUP):
+        h = hk * KV_GROUP + g
+        bh = b * H + h
+        if not V_SHARED:
+            v = tl.load(V + b * svb + h.to(tl.int64) * svh + pos[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
+            dv = tl.zeros([BLOCK, HEAD_D], tl.float32)
+        row_off = b * sqb + h.to(tl.int64) * sqh + pos[:, None] * sql + offs_d[None, :]     # q, do, dq share [B,H,L,D] layout
+        q = tl.load(Q + row_off, mask=mask, other=0.0)
+        do = tl.load(DO + row_off, mask=mask, other=0.0)
+        o = tl.load(O + b * sob + h.to(tl.int64) * soh + pos[:, None] * sol + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + pos, mask=ok, other=0.0)
+        p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+        if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=mask, other=0.0)
+        tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=mask)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if not V_SHARED:
+            tl.store(DV + b * sdvb + h.to(tl.int64) * sdvh + pos[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+    if V_SHARED:
+        tl.store(DV + b * sdvb + hk.to(tl.int64) * sdvh + pos[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+    dk = dk * sm_scale
+    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=mask, other=0.0)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=mask)
 
 # %% ../nbs/10_tensorized_attention.ipynb #cd4a89f4
 _LOG2E = 1.4426950408889634
@@ -394,6 +447,13 @@ def _blocks(n_k: int, head_d: int, backward: bool = False, streams: int = 1) -> 
     if backward: return min(64, fit), min(64, fit), 4 if head_d <= 64 else 8
     if streams == 2: bm = min(64, fit); return bm, min(64, fit), 4 if bm * head_d <= 4096 else 8
     return min(128, fit), min(64, fit), 4 if min(128, fit) <= 64 else 8
+
+FUSED_BWD_MAX_BLOCK = 64   # fibres whose tile (next power of two >= n_k, at least 16) is at most this take the one-pass backward
+
+def _fused_bwd_block(n_k: int) -> int | None:
+    "The one-pass backward's tile for fibres of length n_k, or None when a fibre does not fit one tile of FUSED_BWD_MAX_BLOCK rows."
+    block = max(16, triton.next_power_of_2(n_k))
+    return block if block <= FUSED_BWD_MAX_BLOCK else None
 
 def _check_triton_inputs(q: torch.Tensor):
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -413,7 +473,8 @@ def _hop_geometry(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
 
 # %% ../nbs/10_tensorized_attention.ipynb #130df6c2
 class TensorizedAttentionFunction(torch.autograd.Function):
-    "Autograd wrapper: forward = one `_tensorized_hop_fwd` launch per hop; backward = dq then dk/dv launches per hop, in reverse."
+    """Autograd wrapper: forward = one `_tensorized_hop_fwd` launch per hop; backward, per hop in reverse, the one-pass kernel where the
+    fibres fit one tile (`_fused_bwd_block`), else the dq then the dk/dv launch."""
     @staticmethod
     def forward(ctx, q, k, v, shape, causal, scale):
         B, H, Hkv, L, D = _check_qkv(q, k, v)
@@ -441,26 +502,44 @@ class TensorizedAttentionFunction(torch.autograd.Function):
         m = len(shape); saved = ctx.saved_tensors
         q, k = saved[0], saved[1]; values = saved[2:3 + m]; lses = saved[3 + m:]
         B, H, L, D = q.shape; Hkv = k.shape[1]; G = H // Hkv; head_d = max(16, triton.next_power_of_2(D))
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        # dq, dk: fp32 running sums over the hops (torch.empty: the first hop of the backward writes them, no zero fill); the last
+        # hop adds and writes the returned gradients in the input dtype
+        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if m > 1 else None
+        dk_acc = torch.empty(k.shape, dtype=torch.float32, device=q.device) if m > 1 else None
         dout = do.contiguous()
         order = hop_order(m)
         for j in reversed(range(m)):
+            first, last = j == m - 1, j == 0
+            dq_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if last else dq_acc
+            dk_out = torch.empty(k.shape, dtype=k.dtype, device=q.device) if last else dk_acc
             n_k, stride, n_fib = _hop_geometry(shape, order[j])
-            bm, bn, warps = _blocks(n_k, head_d, backward=True)
             vin, vout, lse = values[j], values[j + 1], lses[j]
-            delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-            _tensorized_hop_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
-                q, k, vin, vout, dout, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3],
-                H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale,
-                HEAD_D=head_d, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
             dvin = torch.empty(vin.shape, dtype=vin.dtype, device=q.device)
-            _tensorized_hop_bwd_dkdv[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
-                q, k, vin, dout, lse, delta, dk, dvin, *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *dvin.stride()[:3],
-                H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
-                HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+            fused = _fused_bwd_block(n_k)
+            if fused:
+                _tensorized_hop_bwd_fused[(n_fib, B * Hkv)](
+                    q, k, vin, vout, dout, lse, dq_acc if not first else dq_out, dq_out, dk_acc if not first else dk_out, dk_out, dvin,
+                    *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3], *dvin.stride()[:3],
+                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
+                    HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, BLOCK=fused, PRECISION=_precision(q),
+                    num_warps=4 if head_d <= 64 else 8, num_stages=1)
+            else:
+                bm, bn, warps = _blocks(n_k, head_d, backward=True)
+                delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+                _tensorized_hop_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
+                    q, k, vin, vout, dout, lse, delta, dq_acc if not first else dq_out, dq_out,
+                    *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3],
+                    H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale,
+                    HEAD_D=head_d, CAUSAL=causal, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q),
+                    num_warps=warps, num_stages=2)
+                _tensorized_hop_bwd_dkdv[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
+                    q, k, vin, dout, lse, delta, dk_acc if not first else dk_out, dk_out, dvin,
+                    *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *dvin.stride()[:3],
+                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
+                    HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn,
+                    PRECISION=_precision(q), num_warps=warps, num_stages=2)
             dout = dvin
-        return dq.to(q.dtype), dk.to(k.dtype), dout, None, None, None
+        return dq_out, dk_out, dout, None, None, None
 
 def _tensorized_attention_triton(q, k, v, shape=None, causal=True, scale=None):
     "The Triton path of `tensorized_attention` (checked inputs)."
@@ -528,13 +607,13 @@ def _tensorized_complete_fwd(Q, K, A, C, CO, AO, LSE_C, LSE_A,
 
 # %% ../nbs/10_tensorized_attention.ipynb #73be25c2
 @triton.jit
-def _tensorized_complete_bwd_dq(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DQ, DC,
+def _tensorized_complete_bwd_dq(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DQ_ACC, DQ, DC,
                                 sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
                                 H, L, N_K, STRIDE, KV_GROUP, V_GROUP, D, qk_scale, sm_scale,
-                                HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr,
+                                HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
     """Backward of one complete-mode hop, per query block: DELTA_C = rowsum(dC' C') and DELTA_A = rowsum(dA' A') (stored for the dK/dA
-    kernel), DQ += scale * (dS_C + dS_A) K (fp32), and with DIAG_FROM_C the C input's gradient DC[i] = P_C[i, i] dC'[i]."""
+    kernel), DQ = scale * (dS_C + dS_A) K (+ DQ_ACC, the fp32 running sum of the hops done, when ACCUMULATE), and with DIAG_FROM_C the C input's gradient DC[i] = P_C[i, i] dC'[i]."""
     pid = tl.program_id(0); bh = tl.program_id(1)
     b = (bh // H).to(tl.int64); h = bh % H
     mb, base, offs_m, pos_m, row_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_M)
@@ -583,18 +662,19 @@ def _tensorized_complete_bwd_dq(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DELT
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p, ds = _p_and_ds(qk, lse_a, delta_a, row_ok[:, None] & col_ok[None, :], dao, a, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs = DQ + row_off
-    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qmask, other=0.0) + dq * sm_scale, mask=qmask)
+    dq = dq * sm_scale
+    if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
+    tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
 
 # %% ../nbs/10_tensorized_attention.ipynb #1a590de5
 @triton.jit
-def _tensorized_complete_bwd_dkda(Q, K, A, C, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DK, DA,
+def _tensorized_complete_bwd_dkda(Q, K, A, C, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DK_ACC, DK, DA,
                                   sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
                                   H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
-                                  HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, V_SHARED: tl.constexpr,
+                                  HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr, V_SHARED: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
     """Backward of one complete-mode hop, per key block of one key/value head, over its GQA group's query heads and the query blocks:
-    DA = P_C^T dC' + P_A^T dA' (P_C strictly below the diagonal with DIAG_FROM_C, else causal), DK += scale * (dS_C + dS_A)^T Q (fp32),
+    DA = P_C^T dC' + P_A^T dA' (P_C strictly below the diagonal with DIAG_FROM_C, else causal), DK = scale * (dS_C + dS_A)^T Q (+ DK_ACC, the fp32 running sum, when ACCUMULATE),
     each key's own diagonal term included. V_SHARED (first hop): A is the key/value head's V, so DA (= dV) sums over the group."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
@@ -656,8 +736,10 @@ def _tensorized_complete_bwd_dkda(Q, K, A, C, DCO, DAO, LSE_C, LSE_A, DELTA_C, D
             tl.store(DA + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
     if V_SHARED:
         tl.store(DA + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
-    dk_ptrs = DK + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
-    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask, other=0.0) + dk * sm_scale, mask=kv_mask)
+    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    dk = dk * sm_scale
+    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
 
 # %% ../nbs/10_tensorized_attention.ipynb #f559be4b
 class TensorizedCompleteFunction(torch.autograd.Function):
@@ -693,11 +775,15 @@ class TensorizedCompleteFunction(torch.autograd.Function):
         shape, scale = ctx.shape, ctx.scale; m = len(shape); sv = ctx.saved_tensors
         q, k, v = sv[:3]; cs, as_ = sv[3:3 + m], sv[3 + m:2 + 2 * m]; lse_cs, lse_as = sv[2 + 2 * m:2 + 3 * m], sv[2 + 3 * m:]
         B, H, L, D = q.shape; Hkv = k.shape[1]; G = H // Hkv; head_d = max(16, triton.next_power_of_2(D))
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        # fp32 running sums over the hops, written by the first hop of the backward (no zero fill); the last writes the input dtype
+        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if m > 1 else None
+        dk_acc = torch.empty(k.shape, dtype=torch.float32, device=q.device) if m > 1 else None
         dco, dao = do.contiguous(), None
         for j in reversed(range(m)):
             has_a, diag = j + 1 < m, j > 0
+            first = j == m - 1
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if j == 0 else dq_acc
+            dk = torch.empty(k.shape, dtype=k.dtype, device=q.device) if j == 0 else dk_acc
             n_k, stride, n_fib = _hop_geometry(shape, hop_order(m)[j])
             bm, bn, warps = _blocks(n_k, head_d, backward=True)
             a, c = (v, v) if j == 0 else (as_[j - 1], cs[j - 1])
@@ -706,16 +792,16 @@ class TensorizedCompleteFunction(torch.autograd.Function):
             delta_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
             delta_a = torch.empty_like(delta_c) if has_a else delta_c
             dc = torch.empty(c.shape, dtype=c.dtype, device=q.device) if diag else co          # co: stand-in, not written
-            consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+            consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
             _tensorized_complete_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
-                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq if first else dq_acc, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
                 H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale, **consts)
             da = torch.empty(a.shape, dtype=a.dtype, device=q.device)
             _tensorized_complete_bwd_dkda[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
-                q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk if first else dk_acc, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
                 H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, V_SHARED=(j == 0), **consts)
             dco, dao = dc, da
-        return dq.to(q.dtype), dk.to(k.dtype), dao, None, None
+        return dq, dk, dao, None, None
 
 # %% ../nbs/10_tensorized_attention.ipynb #be810910
 BACKENDS = ("auto", "triton", "torch")
@@ -755,17 +841,17 @@ class TensorizedCompleteHopFunction(torch.autograd.Function):
         BF, H, n, D = q.shape; Hkv = k.shape[1]; head_d = max(16, triton.next_power_of_2(D))
         bm, bn, warps = _blocks(n, head_d, backward=True)
         dco = dco.contiguous(); dao = dao.contiguous() if need_a else dco
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device); dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)      # one hop: the kernels write the gradients in the input dtype
         delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c
         dc, da = torch.empty_like(c), torch.empty_like(a)
-        consts = dict(HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
+        consts = dict(HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
         _tensorized_complete_bwd_dq[(triton.cdiv(n, bm), BF * H)](
-            q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+            q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
             H, n, n, 1, H // Hkv, 1, D, scale * _LOG2E, scale, **consts)
         _tensorized_complete_bwd_dkda[(triton.cdiv(n, bn), BF * Hkv)](
-            q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+            q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
             H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, V_SHARED=False, **consts)
-        return dq.to(q.dtype), dk.to(k.dtype), da, dc, None, None
+        return dq, dk, da, dc, None, None
 
 def tensorized_complete_hop(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, c: torch.Tensor, scale: float | None = None,
                             need_a: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -129,6 +129,33 @@ def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_backward_tile_choice():
+    "The one-pass backward takes fibres whose tile (next power of two, at least 16) is at most FUSED_BWD_MAX_BLOCK rows."
+    import longctx_nb.tensorized as T
+    assert [T._fused_bwd_block(n) for n in (1, 16, 17, 33, 64, 65, 512)] == [16, 16, 32, 64, 64, None, None]
+
+
+TWO_PASS_CASES = [c for c in CASES if c[6] != "complete"][:4] + [(1, 4, 2, 70, 16, (7, 10), True)]
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", TWO_PASS_CASES, ids=[f"T{c[3]}-H{c[1]}/{c[2]}-{'x'.join(map(str, c[5]))}" for c in TWO_PASS_CASES])
+def test_one_pass_and_two_pass_backward_agree(B, H, Hkv, L, D, shape, causal, monkeypatch):
+    "The same gradients from the one-pass kernel (short fibres) and, with it switched off, from the dq and dk/dv kernels; both vs the reference."
+    import longctx_nb.tensorized as T
+    q, k, v = (t.requires_grad_() for t in rand(B, H, Hkv, L, D, seed=L + 1, device=DEV))
+    do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(3)).to(DEV)
+    assert any(T._fused_bwd_block(n) for n in shape)            # the case does take the one-pass kernel somewhere
+    one = torch.autograd.grad(tensorized_attention(q, k, v, shape, causal, backend="triton"), (q, k, v), do)
+    monkeypatch.setattr(T, "FUSED_BWD_MAX_BLOCK", 0)
+    assert not any(T._fused_bwd_block(n) for n in shape)
+    two = torch.autograd.grad(tensorized_attention(q, k, v, shape, causal, backend="triton"), (q, k, v), do)
+    ref = torch.autograd.grad(tensorized_attention_ref(q, k, v, shape, causal), (q, k, v), do)
+    for a, b, r in zip(one, two, ref):
+        assert a.dtype == b.dtype == q.dtype and a.isfinite().all() and b.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", ["dominance", "complete"])
 def test_kernel_inference_path_and_noncontiguous(causal):
     "Without grad the forward drops intermediates; inputs may be non-contiguous views ([B, L, H, D] transposed)."
