@@ -741,10 +741,74 @@ def _tensorized_complete_bwd_dkda(Q, K, A, C, DCO, DAO, LSE_C, LSE_A, DELTA_C, D
     if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
     tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
 
+# %% ../nbs/10_tensorized_attention.ipynb #f2a8b7d6
+@triton.jit
+def _tensorized_complete_bwd_fused(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DQ_ACC, DQ, DK_ACC, DK, DA, DC,
+                                   sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
+                                   H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
+                                   HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr,
+                                   V_SHARED: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one complete-mode hop whose fibres fit one tile, per fibre and key/value head, over its GQA group's query heads: one
+    score tile gives both streams' dS, so DQ, DK, DA (and DC with DIAG_FROM_C) come out of one program; the running sums as in
+    `_tensorized_hop_bwd_fused`. C, CO, AO, dCO, dAO, DQ, DC share q's [B, H, L, D] layout; A and DA have A's strides."""
+    pid = tl.program_id(0); bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
+    _, base, offs, pos, ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK)
+    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
+    mask = ok[:, None] & d_ok[None, :]
+    keep = ok[:, None] & ok[None, :]
+    keep_c = keep & _causal_keep(offs, offs, DIAG_FROM_C)
+    k_off = b * skb + hk.to(tl.int64) * skh + pos[:, None] * skl + offs_d[None, :]
+    k = tl.load(K + k_off, mask=mask, other=0.0)
+    dk = tl.zeros([BLOCK, HEAD_D], tl.float32)
+    da = tl.zeros([BLOCK, HEAD_D], tl.float32)
+    if V_SHARED:
+        a = tl.load(A + b * sab + hk.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], mask=mask, other=0.0)
+    for g in range(0, KV_GROUP):
+        h = hk * KV_GROUP + g
+        row_off = b * sqb + h.to(tl.int64) * sqh + pos[:, None] * sql + offs_d[None, :]
+        row_stat = (b * H + h).to(tl.int64) * L + pos
+        if not V_SHARED:
+            a = tl.load(A + b * sab + h.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], mask=mask, other=0.0)
+            da = tl.zeros([BLOCK, HEAD_D], tl.float32)
+        q = tl.load(Q + row_off, mask=mask, other=0.0)
+        dco = tl.load(DCO + row_off, mask=mask, other=0.0)
+        delta_c = tl.sum(dco.to(tl.float32) * tl.load(CO + row_off, mask=mask, other=0.0).to(tl.float32), 1)
+        lse_c = tl.load(LSE_C + row_stat, mask=ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p, ds = _p_and_ds(qk, lse_c, delta_c, keep_c, dco, a, PRECISION)
+        da += tl.dot(tl.trans(p.to(dco.dtype)), dco, input_precision=PRECISION)
+        if HAS_A:
+            dao = tl.load(DAO + row_off, mask=mask, other=0.0)
+            delta_a = tl.sum(dao.to(tl.float32) * tl.load(AO + row_off, mask=mask, other=0.0).to(tl.float32), 1)
+            p, ds_a = _p_and_ds(qk, tl.load(LSE_A + row_stat, mask=ok, other=0.0), delta_a, keep, dao, a, PRECISION)
+            da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
+            ds += ds_a
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if DIAG_FROM_C:  # the diagonal: score q_i.k_i, value C[i]; its dS adds to row i of dQ and of dK
+            qf, kf = q.to(tl.float32), k.to(tl.float32)
+            p_d = tl.where(ok, tl.exp2(tl.sum(qf * kf, 1) * qk_scale - lse_c), 0.0)
+            ds_d = p_d * (tl.sum(dco.to(tl.float32) * tl.load(C + row_off, mask=mask, other=0.0).to(tl.float32), 1) - delta_c)
+            dq += ds_d[:, None] * kf
+            dk += ds_d[:, None] * qf
+            tl.store(DC + row_off, (p_d[:, None] * dco.to(tl.float32)).to(DC.dtype.element_ty), mask=mask)
+        dq = dq * sm_scale
+        if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=mask, other=0.0)
+        tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=mask)
+        if not V_SHARED:
+            tl.store(DA + b * sab + h.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=mask)
+    if V_SHARED:
+        tl.store(DA + b * sab + hk.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=mask)
+    dk = dk * sm_scale
+    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=mask, other=0.0)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=mask)
+
 # %% ../nbs/10_tensorized_attention.ipynb #f559be4b
 class TensorizedCompleteFunction(torch.autograd.Function):
     """Autograd wrapper of the complete mode: forward = one `_tensorized_complete_fwd` launch per hop (streams C and A); backward = the
-    dq then the dk/dA launch per hop, in reverse."""
+    one-pass kernel per hop where its fibres fit one tile, else the dq then the dk/dA
+    launch, in reverse."""
     @staticmethod
     def forward(ctx, q, k, v, shape, scale):
         B, H, Hkv, L, D = _check_qkv(q, k, v)
@@ -785,21 +849,30 @@ class TensorizedCompleteFunction(torch.autograd.Function):
             dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if j == 0 else dq_acc
             dk = torch.empty(k.shape, dtype=k.dtype, device=q.device) if j == 0 else dk_acc
             n_k, stride, n_fib = _hop_geometry(shape, hop_order(m)[j])
-            bm, bn, warps = _blocks(n_k, head_d, backward=True)
             a, c = (v, v) if j == 0 else (as_[j - 1], cs[j - 1])
             co, lse_c = cs[j], lse_cs[j]
             ao, lse_a, dao = (as_[j], lse_as[j], dao) if has_a else (co, lse_c, dco)          # stand-ins without HAS_A
-            delta_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-            delta_a = torch.empty_like(delta_c) if has_a else delta_c
             dc = torch.empty(c.shape, dtype=c.dtype, device=q.device) if diag else co          # co: stand-in, not written
-            consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
-            _tensorized_complete_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
-                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq if first else dq_acc, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-                H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale, **consts)
             da = torch.empty(a.shape, dtype=a.dtype, device=q.device)
-            _tensorized_complete_bwd_dkda[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
-                q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk if first else dk_acc, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-                H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, V_SHARED=(j == 0), **consts)
+            dq_in, dk_in = (dq, dk) if first else (dq_acc, dk_acc)
+            fused = _fused_bwd_block(n_k)
+            if fused:
+                _tensorized_complete_bwd_fused[(n_fib, B * Hkv)](
+                    q, k, a, c, co, ao, dco, dao, lse_c, lse_a, dq_in, dq, dk_in, dk, da, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a,
+                    ACCUMULATE=not first, V_SHARED=(j == 0), BLOCK=fused, PRECISION=_precision(q), num_warps=4 if head_d <= 64 else 8, num_stages=1)
+            else:
+                bm, bn, warps = _blocks(n_k, head_d, backward=True)
+                delta_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+                delta_a = torch.empty_like(delta_c) if has_a else delta_c
+                consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn,
+                              PRECISION=_precision(q), num_warps=warps, num_stages=2)
+                _tensorized_complete_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
+                    q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq_in, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                    H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale, **consts)
+                _tensorized_complete_bwd_dkda[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
+                    q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk_in, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, V_SHARED=(j == 0), **consts)
             dco, dao = dc, da
         return dq, dk, dao, None, None
 
@@ -839,11 +912,18 @@ class TensorizedCompleteHopFunction(torch.autograd.Function):
     def backward(ctx, dco, dao=None):
         q, k, a, c, co, ao, lse_c, lse_a = ctx.saved_tensors; scale, need_a = ctx.scale, ctx.need_a
         BF, H, n, D = q.shape; Hkv = k.shape[1]; head_d = max(16, triton.next_power_of_2(D))
-        bm, bn, warps = _blocks(n, head_d, backward=True)
         dco = dco.contiguous(); dao = dao.contiguous() if need_a else dco
         dq, dk = torch.empty_like(q), torch.empty_like(k)      # one hop: the kernels write the gradients in the input dtype
-        delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c
         dc, da = torch.empty_like(c), torch.empty_like(a)
+        fused = _fused_bwd_block(n)
+        if fused:
+            _tensorized_complete_bwd_fused[(1, BF * Hkv)](
+                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, dq, dq, dk, dk, da, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False,
+                V_SHARED=False, BLOCK=fused, PRECISION=_precision(q), num_warps=4 if head_d <= 64 else 8, num_stages=1)
+            return dq, dk, da, dc, None, None
+        bm, bn, warps = _blocks(n, head_d, backward=True)
+        delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c
         consts = dict(HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
         _tensorized_complete_bwd_dq[(triton.cdiv(n, bm), BF * H)](
             q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],

@@ -135,12 +135,13 @@ def test_fused_backward_tile_choice():
     assert [T._fused_bwd_block(n) for n in (1, 16, 17, 33, 64, 65, 512)] == [16, 16, 32, 64, 64, None, None]
 
 
-TWO_PASS_CASES = [c for c in CASES if c[6] != "complete"][:4] + [(1, 4, 2, 70, 16, (7, 10), True)]
+TWO_PASS_CASES = ([c for c in CASES if c[6] != "complete"][:4] + [(1, 4, 2, 70, 16, (7, 10), True)]
+                  + [c for c in CASES if c[6] == "complete"][:2] + [(1, 4, 2, 70, 16, (7, 10), "complete")])
 
 
-@pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", TWO_PASS_CASES, ids=[f"T{c[3]}-H{c[1]}/{c[2]}-{'x'.join(map(str, c[5]))}" for c in TWO_PASS_CASES])
+@pytest.mark.parametrize("B,H,Hkv,L,D,shape,causal", TWO_PASS_CASES, ids=[f"T{c[3]}-H{c[1]}/{c[2]}-{'x'.join(map(str, c[5]))}-{causal_mode(c[6])}" for c in TWO_PASS_CASES])
 def test_one_pass_and_two_pass_backward_agree(B, H, Hkv, L, D, shape, causal, monkeypatch):
-    "The same gradients from the one-pass kernel (short fibres) and, with it switched off, from the dq and dk/dv kernels; both vs the reference."
+    "The same gradients from the one-pass kernels (short fibres) and, with them switched off, from the two-kernel backward; both vs the reference."
     import longctx_nb.tensorized as T
     q, k, v = (t.requires_grad_() for t in rand(B, H, Hkv, L, D, seed=L + 1, device=DEV))
     do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(3)).to(DEV)
@@ -331,8 +332,12 @@ def test_benchmark_takes_several_causal_modes():
 
 
 # ---------------------------------------------------------------- one complete-mode hop as an op (for models whose q, k change per hop)
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("need_a", [True, False], ids=["with-A", "C-only"])
-def test_complete_hop_kernel_matches_reference(need_a):
+def test_complete_hop_kernel_matches_reference(need_a, one_pass, monkeypatch):
+    import longctx_nb.tensorized as T
+    if not one_pass: monkeypatch.setattr(T, "FUSED_BWD_MAX_BLOCK", 0)
+    assert bool(T._fused_bwd_block(21)) == one_pass
     g = torch.Generator().manual_seed(11)
     q, k, a, c = (torch.randn(3, h, 21, 16, generator=g).to(DEV).requires_grad_() for h in (2, 1, 2, 2))   # GQA 2:1, odd fibre
     outs = [o for o in tensorized_complete_hop(q, k, a, c, need_a=need_a, backend="triton") if o is not None]
