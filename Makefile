@@ -64,7 +64,7 @@ py: install
 
 # The kernel lab on a CUDA GPU: each script checks its kernel and benchmarks it into reports/kernels/<script>/ (nonzero exit on a
 # failed check; every script runs, then the target fails if one did). AB=<commit> also runs that commit's code in the same process.
-BENCH ?= tensorized_bench shadowkv_keys_check shadowkv_lab shadowkv_decode_profile shadowkv_serving longppl_speed
+BENCH ?= tensorized_bench tensorized_registers shadowkv_keys_check shadowkv_lab shadowkv_decode_profile shadowkv_serving longppl_speed
 AB ?=
 bench: install
 	@failed=""; for s in $(BENCH); do echo "== kernels.$$s"; \

@@ -391,48 +391,52 @@ def _tensorized_hop_bwd_fused(Q, K, V, O, DO, LSE, DQ_ACC, DQ, DK_ACC, DK, DV,
                               sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdvb, sdvh, sdvl,
                               H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
                               HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, V_SHARED: tl.constexpr, ACCUMULATE: tl.constexpr,
-                              BLOCK: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
-    """Backward of one hop whose fibres fit one tile (N_K <= BLOCK), per fibre and key/value head, over its GQA group's query heads:
-    one score tile per query head gives Delta, DQ, DK and DV (no Delta buffer, no second pass). DQ/DK: scale * dS K and scale * dS^T Q,
-    plus the fp32 running sums DQ_ACC/DK_ACC when ACCUMULATE. V_SHARED (first hop): V is the key/value head's, so DV sums the group."""
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one hop whose fibres fit one key tile (N_K <= BLOCK_N), per fibre and key/value head, over its GQA group's query
+    heads and the fibre's query blocks: each score tile gives Delta, DQ (complete, since the program holds every key of the fibre), and
+    its share of DK and DV (no Delta buffer, no second pass). DQ/DK: scale * dS K and scale * dS^T Q, plus the fp32 running sums
+    DQ_ACC/DK_ACC when ACCUMULATE. V_SHARED (first hop): V is the key/value head's, so DV sums the group."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
-    _, base, offs, pos, ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK)
+    _, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)       # one block: the whole fibre's keys
     offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
-    mask = ok[:, None] & d_ok[None, :]
-    keep = ok[:, None] & ok[None, :]
-    if CAUSAL: keep = keep & _causal_keep(offs, offs, False)
-    k_off = b * skb + hk.to(tl.int64) * skh + pos[:, None] * skl + offs_d[None, :]
-    k = tl.load(K + k_off, mask=mask, other=0.0)
-    dk = tl.zeros([BLOCK, HEAD_D], tl.float32)
-    dv = tl.zeros([BLOCK, HEAD_D], tl.float32)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    k = tl.load(K + k_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     if V_SHARED:
-        v = tl.load(V + b * svb + hk.to(tl.int64) * svh + pos[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(V + b * svb + hk.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
     for g in range(0, KV_GROUP):
         h = hk * KV_GROUP + g
         bh = b * H + h
         if not V_SHARED:
-            v = tl.load(V + b * svb + h.to(tl.int64) * svh + pos[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
-            dv = tl.zeros([BLOCK, HEAD_D], tl.float32)
-        row_off = b * sqb + h.to(tl.int64) * sqh + pos[:, None] * sql + offs_d[None, :]     # q, do, dq share [B,H,L,D] layout
-        q = tl.load(Q + row_off, mask=mask, other=0.0)
-        do = tl.load(DO + row_off, mask=mask, other=0.0)
-        o = tl.load(O + b * sob + h.to(tl.int64) * soh + pos[:, None] * sol + offs_d[None, :], mask=mask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse = tl.load(LSE + bh.to(tl.int64) * L + pos, mask=ok, other=0.0)
-        p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-        if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=mask, other=0.0)
-        tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=mask)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            v = tl.load(V + b * svb + h.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
+            dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+        for start_m in range(0, N_K, BLOCK_M):
+            offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
+            qmask = row_ok[:, None] & d_ok[None, :]
+            row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]     # q, do, dq share [B,H,L,D] layout
+            q = tl.load(Q + row_off, mask=qmask, other=0.0)
+            do = tl.load(DO + row_off, mask=qmask, other=0.0)
+            o = tl.load(O + b * sob + h.to(tl.int64) * soh + pos_m[:, None] * sol + offs_d[None, :], mask=qmask, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            lse = tl.load(LSE + bh.to(tl.int64) * L + pos_m, mask=row_ok, other=0.0)
+            keep = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
+            p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
+            tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if not V_SHARED:
-            tl.store(DV + b * sdvb + h.to(tl.int64) * sdvh + pos[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+            tl.store(DV + b * sdvb + h.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
     if V_SHARED:
-        tl.store(DV + b * sdvb + hk.to(tl.int64) * sdvh + pos[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+        tl.store(DV + b * sdvb + hk.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
     dk = dk * sm_scale
-    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=mask, other=0.0)
-    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=mask)
+    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
 
 # %% ../nbs/10_tensorized_attention.ipynb #cd4a89f4
 _LOG2E = 1.4426950408889634
@@ -448,12 +452,16 @@ def _blocks(n_k: int, head_d: int, backward: bool = False, streams: int = 1) -> 
     if streams == 2: bm = min(64, fit); return bm, min(64, fit), 4 if bm * head_d <= 4096 else 8
     return min(128, fit), min(64, fit), 4 if min(128, fit) <= 64 else 8
 
-FUSED_BWD_MAX_BLOCK = 64   # fibres whose tile (next power of two >= n_k, at least 16) is at most this take the one-pass backward
+FUSED_BWD_MAX_BLOCK = 64   # fibres whose key tile (next power of two >= n_k, at least 16) is at most this take the one-pass backward
 
-def _fused_bwd_block(n_k: int) -> int | None:
-    "The one-pass backward's tile for fibres of length n_k, or None when a fibre does not fit one tile of FUSED_BWD_MAX_BLOCK rows."
-    block = max(16, triton.next_power_of_2(n_k))
-    return block if block <= FUSED_BWD_MAX_BLOCK else None
+def _fused_bwd_blocks(n_k: int, head_d: int, streams: int = 1) -> tuple[int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, num_warps) of the one-pass backward for fibres of length n_k, or None when a fibre does not fit one key tile
+    of FUSED_BWD_MAX_BLOCK rows. BLOCK_N holds the whole fibre; queries go in blocks of BLOCK_M rows (`streams=2`: the complete mode)."""
+    block_n = max(16, triton.next_power_of_2(n_k))
+    if block_n > FUSED_BWD_MAX_BLOCK: return None
+    # the least-spilling tiles ptxas reports for sm_90 (compiled, not run: kernels/tensorized_registers.py, the table below)
+    if streams == 1: return min(block_n, 32), block_n, 8 if head_d > 64 or block_n > 32 else 4
+    return min(block_n, 32 if head_d <= 64 and block_n <= 32 else 16), block_n, 8
 
 def _check_triton_inputs(q: torch.Tensor):
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -474,7 +482,7 @@ def _hop_geometry(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
 # %% ../nbs/10_tensorized_attention.ipynb #130df6c2
 class TensorizedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: forward = one `_tensorized_hop_fwd` launch per hop; backward, per hop in reverse, the one-pass kernel where the
-    fibres fit one tile (`_fused_bwd_block`), else the dq then the dk/dv launch."""
+    fibres fit one key tile (`_fused_bwd_blocks`), else the dq then the dk/dv launch."""
     @staticmethod
     def forward(ctx, q, k, v, shape, causal, scale):
         B, H, Hkv, L, D = _check_qkv(q, k, v)
@@ -515,14 +523,14 @@ class TensorizedAttentionFunction(torch.autograd.Function):
             n_k, stride, n_fib = _hop_geometry(shape, order[j])
             vin, vout, lse = values[j], values[j + 1], lses[j]
             dvin = torch.empty(vin.shape, dtype=vin.dtype, device=q.device)
-            fused = _fused_bwd_block(n_k)
+            fused = _fused_bwd_blocks(n_k, head_d)
             if fused:
                 _tensorized_hop_bwd_fused[(n_fib, B * Hkv)](
                     q, k, vin, vout, dout, lse, dq_acc if not first else dq_out, dq_out, dk_acc if not first else dk_out, dk_out, dvin,
                     *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3], *dvin.stride()[:3],
                     H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
-                    HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, BLOCK=fused, PRECISION=_precision(q),
-                    num_warps=4 if head_d <= 64 else 8, num_stages=1)
+                    HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, BLOCK_M=fused[0], BLOCK_N=fused[1],
+                    PRECISION=_precision(q), num_warps=fused[2], num_stages=1)
             else:
                 bm, bn, warps = _blocks(n_k, head_d, backward=True)
                 delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -747,62 +755,63 @@ def _tensorized_complete_bwd_fused(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, D
                                    sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
                                    H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
                                    HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr,
-                                   V_SHARED: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
-    """Backward of one complete-mode hop whose fibres fit one tile, per fibre and key/value head, over its GQA group's query heads: one
-    score tile gives both streams' dS, so DQ, DK, DA (and DC with DIAG_FROM_C) come out of one program; the running sums as in
-    `_tensorized_hop_bwd_fused`. C, CO, AO, dCO, dAO, DQ, DC share q's [B, H, L, D] layout; A and DA have A's strides."""
+                                   V_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+    """Backward of one complete-mode hop whose fibres fit one key tile, per fibre and key/value head, over its GQA group's query heads and
+    the fibre's query blocks: one score tile gives both streams' dS, so DQ, DK, DA (and DC with DIAG_FROM_C) come out of one program;
+    the diagonal's dS is added on the tile's diagonal, so dS K and dS^T Q carry it. Running sums as in `_tensorized_hop_bwd_fused`.
+    C, CO, AO, dCO, dAO, DQ, DC share q's [B, H, L, D] layout; A and DA have A's strides."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
-    _, base, offs, pos, ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK)
+    _, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)       # one block: the whole fibre's keys
     offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
-    mask = ok[:, None] & d_ok[None, :]
-    keep = ok[:, None] & ok[None, :]
-    keep_c = keep & _causal_keep(offs, offs, DIAG_FROM_C)
-    k_off = b * skb + hk.to(tl.int64) * skh + pos[:, None] * skl + offs_d[None, :]
-    k = tl.load(K + k_off, mask=mask, other=0.0)
-    dk = tl.zeros([BLOCK, HEAD_D], tl.float32)
-    da = tl.zeros([BLOCK, HEAD_D], tl.float32)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    k = tl.load(K + k_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     if V_SHARED:
-        a = tl.load(A + b * sab + hk.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], mask=mask, other=0.0)
+        a = tl.load(A + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
     for g in range(0, KV_GROUP):
         h = hk * KV_GROUP + g
-        row_off = b * sqb + h.to(tl.int64) * sqh + pos[:, None] * sql + offs_d[None, :]
-        row_stat = (b * H + h).to(tl.int64) * L + pos
+        bh = (b * H + h).to(tl.int64)
         if not V_SHARED:
-            a = tl.load(A + b * sab + h.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], mask=mask, other=0.0)
-            da = tl.zeros([BLOCK, HEAD_D], tl.float32)
-        q = tl.load(Q + row_off, mask=mask, other=0.0)
-        dco = tl.load(DCO + row_off, mask=mask, other=0.0)
-        delta_c = tl.sum(dco.to(tl.float32) * tl.load(CO + row_off, mask=mask, other=0.0).to(tl.float32), 1)
-        lse_c = tl.load(LSE_C + row_stat, mask=ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p, ds = _p_and_ds(qk, lse_c, delta_c, keep_c, dco, a, PRECISION)
-        da += tl.dot(tl.trans(p.to(dco.dtype)), dco, input_precision=PRECISION)
-        if HAS_A:
-            dao = tl.load(DAO + row_off, mask=mask, other=0.0)
-            delta_a = tl.sum(dao.to(tl.float32) * tl.load(AO + row_off, mask=mask, other=0.0).to(tl.float32), 1)
-            p, ds_a = _p_and_ds(qk, tl.load(LSE_A + row_stat, mask=ok, other=0.0), delta_a, keep, dao, a, PRECISION)
-            da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
-            ds += ds_a
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if DIAG_FROM_C:  # the diagonal: score q_i.k_i, value C[i]; its dS adds to row i of dQ and of dK
-            qf, kf = q.to(tl.float32), k.to(tl.float32)
-            p_d = tl.where(ok, tl.exp2(tl.sum(qf * kf, 1) * qk_scale - lse_c), 0.0)
-            ds_d = p_d * (tl.sum(dco.to(tl.float32) * tl.load(C + row_off, mask=mask, other=0.0).to(tl.float32), 1) - delta_c)
-            dq += ds_d[:, None] * kf
-            dk += ds_d[:, None] * qf
-            tl.store(DC + row_off, (p_d[:, None] * dco.to(tl.float32)).to(DC.dtype.element_ty), mask=mask)
-        dq = dq * sm_scale
-        if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=mask, other=0.0)
-        tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=mask)
+            a = tl.load(A + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+            da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+        for start_m in range(0, N_K, BLOCK_M):
+            offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
+            qmask = row_ok[:, None] & d_ok[None, :]
+            row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
+            q = tl.load(Q + row_off, mask=qmask, other=0.0)
+            dco = tl.load(DCO + row_off, mask=qmask, other=0.0)
+            delta_c = tl.sum(dco.to(tl.float32) * tl.load(CO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+            lse_c = tl.load(LSE_C + bh * L + pos_m, mask=row_ok, other=0.0)
+            keep = row_ok[:, None] & col_ok[None, :]
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p, ds = _p_and_ds(qk, lse_c, delta_c, keep & _causal_keep(offs_m, offs_n, DIAG_FROM_C), dco, a, PRECISION)
+            da += tl.dot(tl.trans(p.to(dco.dtype)), dco, input_precision=PRECISION)
+            if HAS_A:
+                dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
+                delta_a = tl.sum(dao.to(tl.float32) * tl.load(AO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+                p, ds_a = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0), delta_a, keep, dao, a, PRECISION)
+                da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
+                ds += ds_a
+            if DIAG_FROM_C:  # the diagonal: score q_i.k_i (the tile's diagonal), value C[i]; its dS sits on the tile's diagonal
+                diag = keep & (offs_m[:, None] == offs_n[None, :])
+                p_d = tl.where(row_ok, tl.exp2(tl.sum(tl.where(diag, qk, 0.0), 1) - lse_c), 0.0)
+                ds_d = p_d * (tl.sum(dco.to(tl.float32) * tl.load(C + row_off, mask=qmask, other=0.0).to(tl.float32), 1) - delta_c)
+                ds += tl.where(diag, ds_d[:, None], 0.0)
+                tl.store(DC + row_off, (p_d[:, None] * dco.to(tl.float32)).to(DC.dtype.element_ty), mask=qmask)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
+            tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if not V_SHARED:
-            tl.store(DA + b * sab + h.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=mask)
+            tl.store(DA + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
     if V_SHARED:
-        tl.store(DA + b * sab + hk.to(tl.int64) * sah + pos[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=mask)
+        tl.store(DA + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
     dk = dk * sm_scale
-    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=mask, other=0.0)
-    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=mask)
+    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
 
 # %% ../nbs/10_tensorized_attention.ipynb #f559be4b
 class TensorizedCompleteFunction(torch.autograd.Function):
@@ -855,12 +864,12 @@ class TensorizedCompleteFunction(torch.autograd.Function):
             dc = torch.empty(c.shape, dtype=c.dtype, device=q.device) if diag else co          # co: stand-in, not written
             da = torch.empty(a.shape, dtype=a.dtype, device=q.device)
             dq_in, dk_in = (dq, dk) if first else (dq_acc, dk_acc)
-            fused = _fused_bwd_block(n_k)
+            fused = _fused_bwd_blocks(n_k, head_d, streams=2)
             if fused:
                 _tensorized_complete_bwd_fused[(n_fib, B * Hkv)](
                     q, k, a, c, co, ao, dco, dao, lse_c, lse_a, dq_in, dq, dk_in, dk, da, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
                     H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a,
-                    ACCUMULATE=not first, V_SHARED=(j == 0), BLOCK=fused, PRECISION=_precision(q), num_warps=4 if head_d <= 64 else 8, num_stages=1)
+                    ACCUMULATE=not first, V_SHARED=(j == 0), BLOCK_M=fused[0], BLOCK_N=fused[1], PRECISION=_precision(q), num_warps=fused[2], num_stages=1)
             else:
                 bm, bn, warps = _blocks(n_k, head_d, backward=True)
                 delta_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -915,12 +924,12 @@ class TensorizedCompleteHopFunction(torch.autograd.Function):
         dco = dco.contiguous(); dao = dao.contiguous() if need_a else dco
         dq, dk = torch.empty_like(q), torch.empty_like(k)      # one hop: the kernels write the gradients in the input dtype
         dc, da = torch.empty_like(c), torch.empty_like(a)
-        fused = _fused_bwd_block(n)
+        fused = _fused_bwd_blocks(n, head_d, streams=2)
         if fused:
             _tensorized_complete_bwd_fused[(1, BF * Hkv)](
                 q, k, a, c, co, ao, dco, dao, lse_c, lse_a, dq, dq, dk, dk, da, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
                 H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False,
-                V_SHARED=False, BLOCK=fused, PRECISION=_precision(q), num_warps=4 if head_d <= 64 else 8, num_stages=1)
+                V_SHARED=False, BLOCK_M=fused[0], BLOCK_N=fused[1], PRECISION=_precision(q), num_warps=fused[2], num_stages=1)
             return dq, dk, da, dc, None, None
         bm, bn, warps = _blocks(n, head_d, backward=True)
         delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c

@@ -101,3 +101,15 @@ def test_figures_claims_and_meta_reach_the_report(tmp_path):
     meta = json.loads((d / "meta.json").read_text())
     run = next(iter(meta["runs"].values()))
     assert run == dict(ok=True, knob=3) and meta["command"].startswith("python -m kernels.fake")
+
+
+def test_tensorized_registers_compiles_the_chosen_backward_configs_for_sm90(tmp_path):
+    """The compile-only register report (a fresh process: the interpreter this test session runs in cannot compile): every one-pass
+    configuration the launcher picks compiles for sm_90, and the dominance mode's spill nothing."""
+    import os, sys
+    r = subprocess.run([sys.executable, "-m", "kernels.tensorized_registers", "--chosen-only", "--out", str(tmp_path / "regs")], cwd=REPO,
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "regs" / "registers.csv")
+    assert len(table) == 8 and table.chosen.all() and set(table["mode"]) == {"dominance", "complete"}
+    assert (table[table["mode"] == "dominance"].spill_bytes == 0).all() and (table.registers <= 255).all()

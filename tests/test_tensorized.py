@@ -130,9 +130,14 @@ def test_kernel_matches_reference(B, H, Hkv, L, D, shape, causal):
 
 
 def test_fused_backward_tile_choice():
-    "The one-pass backward takes fibres whose tile (next power of two, at least 16) is at most FUSED_BWD_MAX_BLOCK rows."
+    "The one-pass backward takes fibres whose key tile (next power of two, at least 16) is at most FUSED_BWD_MAX_BLOCK rows."
     import longctx_nb.tensorized as T
-    assert [T._fused_bwd_block(n) for n in (1, 16, 17, 33, 64, 65, 512)] == [16, 16, 32, 64, 64, None, None]
+    assert [(T._fused_bwd_blocks(n, 128) or (None, None))[1] for n in (1, 16, 17, 33, 64, 65, 512)] == [16, 16, 32, 64, 64, None, None]
+    for n in (1, 17, 64):
+        for d in (64, 128):
+            for streams in (1, 2):
+                bm, bn, warps = T._fused_bwd_blocks(n, d, streams)
+                assert 16 <= bm <= bn and bn >= n and warps in (4, 8)
 
 
 TWO_PASS_CASES = ([c for c in CASES if c[6] != "complete"][:4] + [(1, 4, 2, 70, 16, (7, 10), True)]
@@ -145,10 +150,10 @@ def test_one_pass_and_two_pass_backward_agree(B, H, Hkv, L, D, shape, causal, mo
     import longctx_nb.tensorized as T
     q, k, v = (t.requires_grad_() for t in rand(B, H, Hkv, L, D, seed=L + 1, device=DEV))
     do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(3)).to(DEV)
-    assert any(T._fused_bwd_block(n) for n in shape)            # the case does take the one-pass kernel somewhere
+    assert any(T._fused_bwd_blocks(n, 16) for n in shape)            # the case does take the one-pass kernel somewhere
     one = torch.autograd.grad(tensorized_attention(q, k, v, shape, causal, backend="triton"), (q, k, v), do)
     monkeypatch.setattr(T, "FUSED_BWD_MAX_BLOCK", 0)
-    assert not any(T._fused_bwd_block(n) for n in shape)
+    assert not any(T._fused_bwd_blocks(n, 16) for n in shape)
     two = torch.autograd.grad(tensorized_attention(q, k, v, shape, causal, backend="triton"), (q, k, v), do)
     ref = torch.autograd.grad(tensorized_attention_ref(q, k, v, shape, causal), (q, k, v), do)
     for a, b, r in zip(one, two, ref):
@@ -337,7 +342,7 @@ def test_benchmark_takes_several_causal_modes():
 def test_complete_hop_kernel_matches_reference(need_a, one_pass, monkeypatch):
     import longctx_nb.tensorized as T
     if not one_pass: monkeypatch.setattr(T, "FUSED_BWD_MAX_BLOCK", 0)
-    assert bool(T._fused_bwd_block(21)) == one_pass
+    assert bool(T._fused_bwd_blocks(21, 16, streams=2)) == one_pass
     g = torch.Generator().manual_seed(11)
     q, k, a, c = (torch.randn(3, h, 21, 16, generator=g).to(DEV).requires_grad_() for h in (2, 1, 2, 2))   # GQA 2:1, odd fibre
     outs = [o for o in tensorized_complete_hop(q, k, a, c, need_a=need_a, backend="triton") if o is not None]
