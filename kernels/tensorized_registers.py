@@ -4,10 +4,10 @@
 
 Triton compiles each kernel for the target with the launcher's specializations at the benchmark's shapes (pointers, the strides, L
 and D divisible by 16), and cuobjdump (shipped with triton) reads the cubin's resource usage: registers per thread and stack bytes,
-which at 255 registers are spills to local memory. The one-pass backward kernels (`_tensorized_hop_bwd_fused`, the dominance mode;
-`_tensorized_complete_bwd_fused`, the complete mode's two streams) are compiled over HEAD_D, BLOCK_N (the whole fibre's keys),
-BLOCK_M (the query block) and num_warps; `chosen` marks what `_fused_bwd_blocks` picks. The two-kernel backward's configurations
-(`_blocks(..., backward=True)`) are compiled beside them. `--chosen-only` compiles the chosen configurations alone (the test's mode;
+which at 255 registers are spills to local memory. The one-pass backward (ONE_PASS=True of `_tensorized_hop_bwd_dkdv`, the
+dominance mode, and of `_tensorized_complete_bwd_dkda`, the complete mode's two streams) is compiled over HEAD_D, BLOCK_N (the whole
+fibre's keys), BLOCK_M (the query block) and num_warps; `chosen` marks what `_fused_bwd_blocks` picks. The two-kernel backward's
+configurations (`_blocks(..., backward=True)`, ONE_PASS=False) are compiled beside them. `--chosen-only` compiles the chosen configurations alone (the test's mode;
 then only the dominance mode's no-spill check can fail).
 Check: every chosen configuration spills no more than the least-spilling candidate of its (mode, HEAD_D, BLOCK_N), and none of the
 dominance mode's spills. A compile-time fact, not a speed: kernels/tensorized_bench.py measures the kernels on the GPU.
@@ -64,24 +64,25 @@ def measure(lib, a) -> Measured:
         configs = [chosen[::2]] if a.chosen_only else [(bm, w) for bm in (16, 32, 64) if bm <= block_n for w in (4, 8)]
         for block_m, warps in configs:
             if mode == "dominance":
-                fn, c = T._tensorized_hop_bwd_fused, dict(CAUSAL=True, V_SHARED=False)
+                fn, c = T._tensorized_hop_bwd_dkdv, dict(CAUSAL=True, V_SHARED=False)
             else:
-                fn, c = T._tensorized_complete_bwd_fused, dict(DIAG_FROM_C=True, HAS_A=True, V_SHARED=False)
-            c.update(HEAD_D=head_d, ACCUMULATE=True, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="tf32")
+                fn, c = T._tensorized_complete_bwd_dkda, dict(DIAG_FROM_C=True, HAS_A=True, V_SHARED=False)
+            c.update(HEAD_D=head_d, ACCUMULATE=True, ONE_PASS=True, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="tf32")
             use = resource_usage(fn, c, warps, 1)
-            rows.append(dict(kernel=fn.__name__, mode=mode, HEAD_D=head_d, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=warps, **use,
-                             chosen=(block_m, block_n, warps) == chosen))
+            rows.append(dict(kernel=fn.__name__, one_pass=True, mode=mode, HEAD_D=head_d, BLOCK_N=block_n, BLOCK_M=block_m,
+                             num_warps=warps, **use, chosen=(block_m, block_n, warps) == chosen))
             print(rows[-1], flush=True)
     if not a.chosen_only:      # the two-kernel backward at the same head dims (64-row blocks: fibres longer than one tile)
         for head_d in (64, 128):
             bm, bn, warps = T._blocks(512, head_d, backward=True)
-            for fn, c in ((T._tensorized_hop_bwd_dq, dict(CAUSAL=True)), (T._tensorized_hop_bwd_dkdv, dict(CAUSAL=True, V_SHARED=False))):
+            for fn, c in ((T._tensorized_hop_bwd_dq, dict(CAUSAL=True)),
+                          (T._tensorized_hop_bwd_dkdv, dict(CAUSAL=True, V_SHARED=False, ONE_PASS=False))):
                 c.update(HEAD_D=head_d, ACCUMULATE=True, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32")
-                rows.append(dict(kernel=fn.__name__, mode="dominance", HEAD_D=head_d, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps,
-                                 **resource_usage(fn, c, warps, 2), chosen=True))
+                rows.append(dict(kernel=fn.__name__, one_pass=False, mode="dominance", HEAD_D=head_d, BLOCK_N=bn, BLOCK_M=bm,
+                                 num_warps=warps, **resource_usage(fn, c, warps, 2), chosen=True))
                 print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
-    fused = table[table.kernel.str.endswith("_fused")]
+    fused = table[table.one_pass]
     least = fused.groupby(["mode", "HEAD_D", "BLOCK_N"]).spill_bytes.transform("min")
     picked = fused[fused.chosen]
     ok = bool((picked.spill_bytes <= least[fused.chosen]).all() and (picked[picked["mode"] == "dominance"].spill_bytes == 0).all())

@@ -337,26 +337,30 @@ def _tensorized_hop_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ_ACC, DQ,
 
 # %% ../nbs/10_tensorized_attention.ipynb #1cf5c316
 @triton.jit
-def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_ACC, DK, DV,
-                             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdvb, sdvh, sdvl,
+def _tensorized_hop_bwd_dkdv(Q, K, V, O, DO, LSE, DELTA, DQ_ACC, DQ, DK_ACC, DK, DV,
+                             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdvb, sdvh, sdvl,
                              H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
                              HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, V_SHARED: tl.constexpr, ACCUMULATE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+                             ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
     """Backward of one hop, per key block of one key/value head: loops over the query heads of its GQA group and the query blocks.
-    DK = scale * dS^T Q (+ DK_ACC, the fp32 running sum, when ACCUMULATE); DV = P^T dO. V_SHARED: the hop's values are the key/value head's (first hop), so dV sums over the group."""
+    DK = scale * dS^T Q (+ DK_ACC, the fp32 running sum, when ACCUMULATE); DV = P^T dO. V_SHARED: the hop's values are the key/value
+    head's (first hop), so dV sums over the group. ONE_PASS (the fibre fits the key block, N_K <= BLOCK_N): the program holds every key
+    of the fibre, so each score tile also gives Delta (from O and dO) and the query block's whole DQ = scale * dS K (+ DQ_ACC): the hop's
+    entire backward in one launch, no DELTA buffer. Otherwise Delta comes from DELTA and DQ from `_tensorized_hop_bwd_dq`."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
     nb, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     d_ok = offs_d < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
+    k = tl.load(K + k_off, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     if V_SHARED:
         v = tl.load(V + b * svb + hk.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
     lo = 0
-    if CAUSAL: lo = (nb * BLOCK_N // BLOCK_M) * BLOCK_M
+    if CAUSAL: lo = (nb * BLOCK_N // BLOCK_M) * BLOCK_M      # the first query block that reaches this key block (0 with ONE_PASS)
     for g in range(0, KV_GROUP):
         h = hk * KV_GROUP + g
         bh = b * H + h
@@ -366,68 +370,22 @@ def _tensorized_hop_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_ACC, DK, DV,
         for start_m in range(lo, N_K, BLOCK_M):
             offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
             qmask = row_ok[:, None] & d_ok[None, :]
-            row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
-            q = tl.load(Q + row_off, mask=qmask, other=0.0)
-            do = tl.load(DO + row_off, mask=qmask, other=0.0)
-            lse = tl.load(LSE + bh * L + pos_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * L + pos_m, mask=row_ok, other=0.0)
-            keep = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
-            p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if not V_SHARED:
-            tl.store(DV + b * sdvb + h.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-    if V_SHARED:
-        tl.store(DV + b * sdvb + hk.to(tl.int64) * sdvh + pos_n[:, None] * sdvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
-    dk = dk * sm_scale
-    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
-    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-
-# %% ../nbs/10_tensorized_attention.ipynb #b8e4d3f2
-@triton.jit
-def _tensorized_hop_bwd_fused(Q, K, V, O, DO, LSE, DQ_ACC, DQ, DK_ACC, DK, DV,
-                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sdvb, sdvh, sdvl,
-                              H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
-                              HEAD_D: tl.constexpr, CAUSAL: tl.constexpr, V_SHARED: tl.constexpr, ACCUMULATE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
-    """Backward of one hop whose fibres fit one key tile (N_K <= BLOCK_N), per fibre and key/value head, over its GQA group's query
-    heads and the fibre's query blocks: each score tile gives Delta, DQ (complete, since the program holds every key of the fibre), and
-    its share of DK and DV (no Delta buffer, no second pass). DQ/DK: scale * dS K and scale * dS^T Q, plus the fp32 running sums
-    DQ_ACC/DK_ACC when ACCUMULATE. V_SHARED (first hop): V is the key/value head's, so DV sums the group."""
-    pid = tl.program_id(0); bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
-    _, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)       # one block: the whole fibre's keys
-    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
-    k = tl.load(K + k_off, mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    if V_SHARED:
-        v = tl.load(V + b * svb + hk.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
-    for g in range(0, KV_GROUP):
-        h = hk * KV_GROUP + g
-        bh = b * H + h
-        if not V_SHARED:
-            v = tl.load(V + b * svb + h.to(tl.int64) * svh + pos_n[:, None] * svl + offs_d[None, :], mask=kv_mask, other=0.0)
-            dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-        for start_m in range(0, N_K, BLOCK_M):
-            offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
-            qmask = row_ok[:, None] & d_ok[None, :]
             row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]     # q, do, dq share [B,H,L,D] layout
             q = tl.load(Q + row_off, mask=qmask, other=0.0)
             do = tl.load(DO + row_off, mask=qmask, other=0.0)
-            o = tl.load(O + b * sob + h.to(tl.int64) * soh + pos_m[:, None] * sol + offs_d[None, :], mask=qmask, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            lse = tl.load(LSE + bh.to(tl.int64) * L + pos_m, mask=row_ok, other=0.0)
+            if ONE_PASS:
+                o = tl.load(O + b * sob + h.to(tl.int64) * soh + pos_m[:, None] * sol + offs_d[None, :], mask=qmask, other=0.0)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            else:
+                delta = tl.load(DELTA + bh * L + pos_m, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + bh * L + pos_m, mask=row_ok, other=0.0)
             keep = row_ok[:, None] & col_ok[None, :]
             if CAUSAL: keep = keep & _causal_keep(offs_m, offs_n, False)
             p, ds = _p_and_ds(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, lse, delta, keep, do, v, PRECISION)
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-            if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
-            tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
+            if ONE_PASS:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+                if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
+                tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if not V_SHARED:
@@ -481,8 +439,8 @@ def _hop_geometry(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
 
 # %% ../nbs/10_tensorized_attention.ipynb #130df6c2
 class TensorizedAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward = one `_tensorized_hop_fwd` launch per hop; backward, per hop in reverse, the one-pass kernel where the
-    fibres fit one key tile (`_fused_bwd_blocks`), else the dq then the dk/dv launch."""
+    """Autograd wrapper: forward = one `_tensorized_hop_fwd` launch per hop; backward, per hop in reverse, the dk/dv kernel alone
+    in its one-pass form where the fibres fit one key tile (`_fused_bwd_blocks`), else the dq launch then the dk/dv launch."""
     @staticmethod
     def forward(ctx, q, k, v, shape, causal, scale):
         B, H, Hkv, L, D = _check_qkv(q, k, v)
@@ -523,29 +481,24 @@ class TensorizedAttentionFunction(torch.autograd.Function):
             n_k, stride, n_fib = _hop_geometry(shape, order[j])
             vin, vout, lse = values[j], values[j + 1], lses[j]
             dvin = torch.empty(vin.shape, dtype=vin.dtype, device=q.device)
-            fused = _fused_bwd_blocks(n_k, head_d)
-            if fused:
-                _tensorized_hop_bwd_fused[(n_fib, B * Hkv)](
-                    q, k, vin, vout, dout, lse, dq_acc if not first else dq_out, dq_out, dk_acc if not first else dk_out, dk_out, dvin,
-                    *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3], *dvin.stride()[:3],
-                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
-                    HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, BLOCK_M=fused[0], BLOCK_N=fused[1],
-                    PRECISION=_precision(q), num_warps=fused[2], num_stages=1)
+            dq_in, dk_in = (dq_out, dk_out) if first else (dq_acc, dk_acc)
+            one_pass = _fused_bwd_blocks(n_k, head_d)
+            if one_pass: (bm, bn, warps), stages, delta = one_pass, 1, lse     # lse: a stand-in, the one-pass kernel reads no Delta
             else:
-                bm, bn, warps = _blocks(n_k, head_d, backward=True)
+                (bm, bn, warps), stages = _blocks(n_k, head_d, backward=True), 2
                 delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
                 _tensorized_hop_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
-                    q, k, vin, vout, dout, lse, delta, dq_acc if not first else dq_out, dq_out,
+                    q, k, vin, vout, dout, lse, delta, dq_in, dq_out,
                     *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3],
                     H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale,
                     HEAD_D=head_d, CAUSAL=causal, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q),
                     num_warps=warps, num_stages=2)
-                _tensorized_hop_bwd_dkdv[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
-                    q, k, vin, dout, lse, delta, dk_acc if not first else dk_out, dk_out, dvin,
-                    *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *dvin.stride()[:3],
-                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
-                    HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn,
-                    PRECISION=_precision(q), num_warps=warps, num_stages=2)
+            _tensorized_hop_bwd_dkdv[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
+                q, k, vin, vout, dout, lse, delta, dq_in, dq_out, dk_in, dk_out, dvin,
+                *q.stride()[:3], *k.stride()[:3], *vin.stride()[:3], *vout.stride()[:3], *dvin.stride()[:3],
+                H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
+                HEAD_D=head_d, CAUSAL=causal, V_SHARED=(j == 0), ACCUMULATE=not first, ONE_PASS=bool(one_pass), BLOCK_M=bm, BLOCK_N=bn,
+                PRECISION=_precision(q), num_warps=warps, num_stages=stages)
             dout = dvin
         return dq_out, dk_out, dout, None, None, None
 
@@ -676,93 +629,22 @@ def _tensorized_complete_bwd_dq(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DELT
 
 # %% ../nbs/10_tensorized_attention.ipynb #1a590de5
 @triton.jit
-def _tensorized_complete_bwd_dkda(Q, K, A, C, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DK_ACC, DK, DA,
+def _tensorized_complete_bwd_dkda(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DELTA_C, DELTA_A, DQ_ACC, DQ, DK_ACC, DK, DA, DC,
                                   sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
                                   H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
-                                  HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr, V_SHARED: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
+                                  HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr,
+                                  V_SHARED: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  PRECISION: tl.constexpr = "ieee"):
     """Backward of one complete-mode hop, per key block of one key/value head, over its GQA group's query heads and the query blocks:
-    DA = P_C^T dC' + P_A^T dA' (P_C strictly below the diagonal with DIAG_FROM_C, else causal), DK = scale * (dS_C + dS_A)^T Q (+ DK_ACC, the fp32 running sum, when ACCUMULATE),
-    each key's own diagonal term included. V_SHARED (first hop): A is the key/value head's V, so DA (= dV) sums over the group."""
-    pid = tl.program_id(0); bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
-    nb, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    if V_SHARED:
-        a = tl.load(A + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
-    lo_c = (nb * BLOCK_N // BLOCK_M) * BLOCK_M      # the first query block that reaches this key block causally
-    for g in range(0, KV_GROUP):
-        h = hk * KV_GROUP + g
-        bh = b * H + h
-        if not V_SHARED:
-            a = tl.load(A + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
-            da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-        if DIAG_FROM_C:  # key j as its own query: the diagonal's dS_C times q_j
-            self_off = b * sqb + h.to(tl.int64) * sqh + pos_n[:, None] * sql + offs_d[None, :]
-            q_self = tl.load(Q + self_off, mask=kv_mask, other=0.0).to(tl.float32)
-            lse_self = tl.load(LSE_C + bh * L + pos_n, mask=col_ok, other=0.0)
-            p_d = tl.where(col_ok, tl.exp2(tl.sum(q_self * k.to(tl.float32), 1) * qk_scale - lse_self), 0.0)
-            dp_d = tl.sum(tl.load(DCO + self_off, mask=kv_mask, other=0.0).to(tl.float32) *
-                          tl.load(C + self_off, mask=kv_mask, other=0.0).to(tl.float32), 1)
-            dk += (p_d * (dp_d - tl.load(DELTA_C + bh * L + pos_n, mask=col_ok, other=0.0)))[:, None] * q_self
-        if HAS_A:
-            for start_m in range(0, lo_c, BLOCK_M):     # query blocks before this key block: the non-causal stream only
-                offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
-                qmask = row_ok[:, None] & d_ok[None, :]
-                row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
-                q = tl.load(Q + row_off, mask=qmask, other=0.0)
-                dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
-                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                p, ds = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0),
-                                  tl.load(DELTA_A + bh * L + pos_m, mask=row_ok, other=0.0), row_ok[:, None] & col_ok[None, :], dao, a, PRECISION)
-                da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        for start_m in range(lo_c, N_K, BLOCK_M):       # from the diagonal block on: both streams
-            offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
-            qmask = row_ok[:, None] & d_ok[None, :]
-            row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
-            q = tl.load(Q + row_off, mask=qmask, other=0.0)
-            dco = tl.load(DCO + row_off, mask=qmask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            keep = row_ok[:, None] & col_ok[None, :]
-            p, ds = _p_and_ds(qk, tl.load(LSE_C + bh * L + pos_m, mask=row_ok, other=0.0),
-                              tl.load(DELTA_C + bh * L + pos_m, mask=row_ok, other=0.0),
-                              keep & _causal_keep(offs_m, offs_n, DIAG_FROM_C), dco, a, PRECISION)
-            da += tl.dot(tl.trans(p.to(dco.dtype)), dco, input_precision=PRECISION)
-            if HAS_A:
-                dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
-                p, ds_a = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0),
-                                    tl.load(DELTA_A + bh * L + pos_m, mask=row_ok, other=0.0), keep, dao, a, PRECISION)
-                da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
-                ds += ds_a
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if not V_SHARED:
-            tl.store(DA + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
-    if V_SHARED:
-        tl.store(DA + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
-    k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
-    dk = dk * sm_scale
-    if ACCUMULATE: dk += tl.load(DK_ACC + k_off, mask=kv_mask, other=0.0)
-    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-
-# %% ../nbs/10_tensorized_attention.ipynb #f2a8b7d6
-@triton.jit
-def _tensorized_complete_bwd_fused(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, DQ_ACC, DQ, DK_ACC, DK, DA, DC,
-                                   sqb, sqh, sql, skb, skh, skl, sab, sah, sal,
-                                   H, HKV, L, N_K, STRIDE, KV_GROUP, D, qk_scale, sm_scale,
-                                   HEAD_D: tl.constexpr, DIAG_FROM_C: tl.constexpr, HAS_A: tl.constexpr, ACCUMULATE: tl.constexpr,
-                                   V_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr = "ieee"):
-    """Backward of one complete-mode hop whose fibres fit one key tile, per fibre and key/value head, over its GQA group's query heads and
-    the fibre's query blocks: one score tile gives both streams' dS, so DQ, DK, DA (and DC with DIAG_FROM_C) come out of one program;
-    the diagonal's dS is added on the tile's diagonal, so dS K and dS^T Q carry it. Running sums as in `_tensorized_hop_bwd_fused`.
+    DA = P_C^T dC' + P_A^T dA' (P_C strictly below the diagonal with DIAG_FROM_C, else causal), DK = scale * (dS_C + dS_A)^T Q (+ DK_ACC,
+    the fp32 running sum, when ACCUMULATE), each key's own diagonal term included. V_SHARED (first hop): A is the key/value head's V, so
+    DA (= dV) sums over the group. ONE_PASS (the fibre fits the key block): each score tile also gives both Deltas (from CO, AO), the
+    query block's whole DQ (+ DQ_ACC) and, with DIAG_FROM_C, DC; the diagonal's dS is added on the tile's diagonal, so dS K and dS^T Q
+    carry it. Otherwise the Deltas come from DELTA_C/DELTA_A and DQ, DC from `_tensorized_complete_bwd_dq`.
     C, CO, AO, dCO, dAO, DQ, DC share q's [B, H, L, D] layout; A and DA have A's strides."""
     pid = tl.program_id(0); bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64); hk = bhk % HKV
-    _, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)       # one block: the whole fibre's keys
+    nb, base, offs_n, pos_n, col_ok = _fibre_block(pid, N_K, STRIDE, L, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D); d_ok = offs_d < D
     kv_mask = col_ok[:, None] & d_ok[None, :]
     k_off = b * skb + hk.to(tl.int64) * skh + pos_n[:, None] * skl + offs_d[None, :]
@@ -771,19 +653,43 @@ def _tensorized_complete_bwd_fused(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, D
     da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     if V_SHARED:
         a = tl.load(A + b * sab + hk.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
+    lo_c = (nb * BLOCK_N // BLOCK_M) * BLOCK_M      # the first query block that reaches this key block causally (0 with ONE_PASS)
     for g in range(0, KV_GROUP):
         h = hk * KV_GROUP + g
-        bh = (b * H + h).to(tl.int64)
+        bh = b * H + h
         if not V_SHARED:
             a = tl.load(A + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], mask=kv_mask, other=0.0)
             da = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-        for start_m in range(0, N_K, BLOCK_M):
+        if not ONE_PASS:
+            if DIAG_FROM_C:  # key j as its own query: the diagonal's dS_C times q_j
+                self_off = b * sqb + h.to(tl.int64) * sqh + pos_n[:, None] * sql + offs_d[None, :]
+                q_self = tl.load(Q + self_off, mask=kv_mask, other=0.0).to(tl.float32)
+                lse_self = tl.load(LSE_C + bh * L + pos_n, mask=col_ok, other=0.0)
+                p_d = tl.where(col_ok, tl.exp2(tl.sum(q_self * k.to(tl.float32), 1) * qk_scale - lse_self), 0.0)
+                dp_d = tl.sum(tl.load(DCO + self_off, mask=kv_mask, other=0.0).to(tl.float32) *
+                              tl.load(C + self_off, mask=kv_mask, other=0.0).to(tl.float32), 1)
+                dk += (p_d * (dp_d - tl.load(DELTA_C + bh * L + pos_n, mask=col_ok, other=0.0)))[:, None] * q_self
+            if HAS_A:
+                for start_m in range(0, lo_c, BLOCK_M):     # query blocks before this key block: the non-causal stream only
+                    offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
+                    qmask = row_ok[:, None] & d_ok[None, :]
+                    row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
+                    q = tl.load(Q + row_off, mask=qmask, other=0.0)
+                    dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
+                    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                    p, ds = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0),
+                                      tl.load(DELTA_A + bh * L + pos_m, mask=row_ok, other=0.0), row_ok[:, None] & col_ok[None, :],
+                                      dao, a, PRECISION)
+                    da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        for start_m in range(lo_c, N_K, BLOCK_M):       # from the diagonal block on: both streams
             offs_m, pos_m, row_ok = _fibre_rows(base, start_m, N_K, STRIDE, L, BLOCK_M)
             qmask = row_ok[:, None] & d_ok[None, :]
             row_off = b * sqb + h.to(tl.int64) * sqh + pos_m[:, None] * sql + offs_d[None, :]
             q = tl.load(Q + row_off, mask=qmask, other=0.0)
             dco = tl.load(DCO + row_off, mask=qmask, other=0.0)
-            delta_c = tl.sum(dco.to(tl.float32) * tl.load(CO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+            if ONE_PASS: delta_c = tl.sum(dco.to(tl.float32) * tl.load(CO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+            else: delta_c = tl.load(DELTA_C + bh * L + pos_m, mask=row_ok, other=0.0)
             lse_c = tl.load(LSE_C + bh * L + pos_m, mask=row_ok, other=0.0)
             keep = row_ok[:, None] & col_ok[None, :]
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -791,19 +697,21 @@ def _tensorized_complete_bwd_fused(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, D
             da += tl.dot(tl.trans(p.to(dco.dtype)), dco, input_precision=PRECISION)
             if HAS_A:
                 dao = tl.load(DAO + row_off, mask=qmask, other=0.0)
-                delta_a = tl.sum(dao.to(tl.float32) * tl.load(AO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+                if ONE_PASS: delta_a = tl.sum(dao.to(tl.float32) * tl.load(AO + row_off, mask=qmask, other=0.0).to(tl.float32), 1)
+                else: delta_a = tl.load(DELTA_A + bh * L + pos_m, mask=row_ok, other=0.0)
                 p, ds_a = _p_and_ds(qk, tl.load(LSE_A + bh * L + pos_m, mask=row_ok, other=0.0), delta_a, keep, dao, a, PRECISION)
                 da += tl.dot(tl.trans(p.to(dao.dtype)), dao, input_precision=PRECISION)
                 ds += ds_a
-            if DIAG_FROM_C:  # the diagonal: score q_i.k_i (the tile's diagonal), value C[i]; its dS sits on the tile's diagonal
-                diag = keep & (offs_m[:, None] == offs_n[None, :])
-                p_d = tl.where(row_ok, tl.exp2(tl.sum(tl.where(diag, qk, 0.0), 1) - lse_c), 0.0)
-                ds_d = p_d * (tl.sum(dco.to(tl.float32) * tl.load(C + row_off, mask=qmask, other=0.0).to(tl.float32), 1) - delta_c)
-                ds += tl.where(diag, ds_d[:, None], 0.0)
-                tl.store(DC + row_off, (p_d[:, None] * dco.to(tl.float32)).to(DC.dtype.element_ty), mask=qmask)
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-            if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
-            tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
+            if ONE_PASS:
+                if DIAG_FROM_C:  # the diagonal: score q_i.k_i (the tile's diagonal), value C[i]; its dS sits on the tile's diagonal
+                    diag = keep & (offs_m[:, None] == offs_n[None, :])
+                    p_d = tl.where(row_ok, tl.exp2(tl.sum(tl.where(diag, qk, 0.0), 1) - lse_c), 0.0)
+                    ds_d = p_d * (tl.sum(dco.to(tl.float32) * tl.load(C + row_off, mask=qmask, other=0.0).to(tl.float32), 1) - delta_c)
+                    ds += tl.where(diag, ds_d[:, None], 0.0)
+                    tl.store(DC + row_off, (p_d[:, None] * dco.to(tl.float32)).to(DC.dtype.element_ty), mask=qmask)
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+                if ACCUMULATE: dq += tl.load(DQ_ACC + row_off, mask=qmask, other=0.0)
+                tl.store(DQ + row_off, dq.to(DQ.dtype.element_ty), mask=qmask)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         if not V_SHARED:
             tl.store(DA + b * sab + h.to(tl.int64) * sah + pos_n[:, None] * sal + offs_d[None, :], da.to(DA.dtype.element_ty), mask=kv_mask)
@@ -815,9 +723,8 @@ def _tensorized_complete_bwd_fused(Q, K, A, C, CO, AO, DCO, DAO, LSE_C, LSE_A, D
 
 # %% ../nbs/10_tensorized_attention.ipynb #f559be4b
 class TensorizedCompleteFunction(torch.autograd.Function):
-    """Autograd wrapper of the complete mode: forward = one `_tensorized_complete_fwd` launch per hop (streams C and A); backward = the
-    one-pass kernel per hop where its fibres fit one tile, else the dq then the dk/dA
-    launch, in reverse."""
+    """Autograd wrapper of the complete mode: forward = one `_tensorized_complete_fwd` launch per hop (streams C and A); backward = per hop,
+    in reverse, the dk/dA kernel alone in its one-pass form where the fibres fit one tile, else the dq launch then the dk/dA launch."""
     @staticmethod
     def forward(ctx, q, k, v, shape, scale):
         B, H, Hkv, L, D = _check_qkv(q, k, v)
@@ -864,24 +771,21 @@ class TensorizedCompleteFunction(torch.autograd.Function):
             dc = torch.empty(c.shape, dtype=c.dtype, device=q.device) if diag else co          # co: stand-in, not written
             da = torch.empty(a.shape, dtype=a.dtype, device=q.device)
             dq_in, dk_in = (dq, dk) if first else (dq_acc, dk_acc)
-            fused = _fused_bwd_blocks(n_k, head_d, streams=2)
-            if fused:
-                _tensorized_complete_bwd_fused[(n_fib, B * Hkv)](
-                    q, k, a, c, co, ao, dco, dao, lse_c, lse_a, dq_in, dq, dk_in, dk, da, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a,
-                    ACCUMULATE=not first, V_SHARED=(j == 0), BLOCK_M=fused[0], BLOCK_N=fused[1], PRECISION=_precision(q), num_warps=fused[2], num_stages=1)
-            else:
-                bm, bn, warps = _blocks(n_k, head_d, backward=True)
+            one_pass = _fused_bwd_blocks(n_k, head_d, streams=2)
+            (bm, bn, warps), stages = one_pass or _blocks(n_k, head_d, backward=True), 1 if one_pass else 2
+            consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn,
+                          PRECISION=_precision(q), num_warps=warps, num_stages=stages)
+            delta_c, delta_a = lse_c, lse_a          # stand-ins: the one-pass kernel reads no Delta
+            if not one_pass:
                 delta_c = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
                 delta_a = torch.empty_like(delta_c) if has_a else delta_c
-                consts = dict(HEAD_D=head_d, DIAG_FROM_C=diag, HAS_A=has_a, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn,
-                              PRECISION=_precision(q), num_warps=warps, num_stages=2)
                 _tensorized_complete_bwd_dq[(n_fib * triton.cdiv(n_k, bm), B * H)](
                     q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq_in, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
                     H, L, n_k, stride, G, G if j == 0 else 1, D, scale * _LOG2E, scale, **consts)
-                _tensorized_complete_bwd_dkda[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
-                    q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk_in, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-                    H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale, V_SHARED=(j == 0), **consts)
+            _tensorized_complete_bwd_dkda[(n_fib * triton.cdiv(n_k, bn), B * Hkv)](
+                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq_in, dq, dk_in, dk, da, dc,
+                *q.stride()[:3], *k.stride()[:3], *a.stride()[:3], H, Hkv, L, n_k, stride, G, D, scale * _LOG2E, scale,
+                V_SHARED=(j == 0), ONE_PASS=bool(one_pass), **consts)
             dco, dao = dc, da
         return dq, dk, dao, None, None
 
@@ -924,22 +828,19 @@ class TensorizedCompleteHopFunction(torch.autograd.Function):
         dco = dco.contiguous(); dao = dao.contiguous() if need_a else dco
         dq, dk = torch.empty_like(q), torch.empty_like(k)      # one hop: the kernels write the gradients in the input dtype
         dc, da = torch.empty_like(c), torch.empty_like(a)
-        fused = _fused_bwd_blocks(n, head_d, streams=2)
-        if fused:
-            _tensorized_complete_bwd_fused[(1, BF * Hkv)](
-                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, dq, dq, dk, dk, da, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-                H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False,
-                V_SHARED=False, BLOCK_M=fused[0], BLOCK_N=fused[1], PRECISION=_precision(q), num_warps=fused[2], num_stages=1)
-            return dq, dk, da, dc, None, None
-        bm, bn, warps = _blocks(n, head_d, backward=True)
-        delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c
-        consts = dict(HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q), num_warps=warps, num_stages=2)
-        _tensorized_complete_bwd_dq[(triton.cdiv(n, bm), BF * H)](
-            q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-            H, n, n, 1, H // Hkv, 1, D, scale * _LOG2E, scale, **consts)
+        one_pass = _fused_bwd_blocks(n, head_d, streams=2)
+        (bm, bn, warps), stages = one_pass or _blocks(n, head_d, backward=True), 1 if one_pass else 2
+        consts = dict(HEAD_D=head_d, DIAG_FROM_C=True, HAS_A=need_a, ACCUMULATE=False, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(q),
+                      num_warps=warps, num_stages=stages)
+        delta_c, delta_a = lse_c, lse_a          # stand-ins: the one-pass kernel reads no Delta
+        if not one_pass:
+            delta_c = torch.empty((BF, H, n), dtype=torch.float32, device=q.device); delta_a = torch.empty_like(delta_c) if need_a else delta_c
+            _tensorized_complete_bwd_dq[(triton.cdiv(n, bm), BF * H)](
+                q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dq, dc, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
+                H, n, n, 1, H // Hkv, 1, D, scale * _LOG2E, scale, **consts)
         _tensorized_complete_bwd_dkda[(triton.cdiv(n, bn), BF * Hkv)](
-            q, k, a, c, dco, dao, lse_c, lse_a, delta_c, delta_a, dk, dk, da, *q.stride()[:3], *k.stride()[:3], *a.stride()[:3],
-            H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, V_SHARED=False, **consts)
+            q, k, a, c, co, ao, dco, dao, lse_c, lse_a, delta_c, delta_a, dq, dq, dk, dk, da, dc, *q.stride()[:3], *k.stride()[:3],
+            *a.stride()[:3], H, Hkv, n, n, 1, H // Hkv, D, scale * _LOG2E, scale, V_SHARED=False, ONE_PASS=bool(one_pass), **consts)
         return dq, dk, da, dc, None, None
 
 def tensorized_complete_hop(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, c: torch.Tensor, scale: float | None = None,
