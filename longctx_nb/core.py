@@ -366,15 +366,19 @@ def _kernel_name() -> str:
 
 def run_notebook(nb: str | Path, config: str, reports_dir: str | Path | None, work_dir: str | Path, kernel_name: str | None = None,
                  timeout: int | None = None, parameters: Mapping[str, Any] | None = None) -> Path | None:
-    """Execute one notebook with papermill into reports_dir/<stem>/<config>/ (the executed copy lands there only on success; `reports_dir=None`:
-    no report). `parameters` sets knobs of the notebook's parameters cell beside `config` and `out_dir`."""
+    """Execute one notebook with papermill into reports_dir/<stem>/<config>/ (`reports_dir=None`: no report). The executed copy lands
+    beside the report only on success and only when this run wrote the report's meta.json: a run that writes no report there (one part
+    of a preset split into parts) leaves the committed report's notebook alone; its executed copy stays in `work_dir`. `parameters`
+    sets knobs of the notebook's parameters cell beside `config` and `out_dir`."""
     import papermill as pm
     nb = Path(nb); out_dir = None if reports_dir is None else (Path(reports_dir) / nb.stem / config).resolve()
     executed = Path(work_dir) / f"{nb.stem}-{config}.ipynb"; executed.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time() - 1.0          # (file times may be coarser than the clock)
     pm.execute_notebook(str(nb), str(executed), parameters=dict(parameters or {}, config=config, out_dir=None if out_dir is None else str(out_dir)),
                         kernel_name=kernel_name or _kernel_name(), language="python", cwd=str(nb.parent), progress_bar=False,
                         log_output=False, execution_timeout=timeout)
-    if out_dir is not None and out_dir.exists(): shutil.copy(executed, out_dir / "notebook.ipynb")
+    meta = None if out_dir is None else out_dir / "meta.json"
+    if meta is not None and meta.exists() and meta.stat().st_mtime >= started: shutil.copy(executed, out_dir / "notebook.ipynb")
     return out_dir
 
 # %% ../nbs/00_core.ipynb #b52905f6

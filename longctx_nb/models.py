@@ -19,9 +19,9 @@ from .data import cache_dir, sha256_file, hub_offline
 # %% auto #0
 __all__ = ['EMBEDDED_MODELS', 'SUPPORTED_ATTENTION', 'ATTN_IMPL', 'ROPE_TYPES', 'embedded_gguf', 'resolve_model_path',
            'load_tokenizer', 'load_causal_lm', 'repeat_kv', 'attention_mask_to_additive', 'eager_attention',
-           'attention_modules', 'set_attention_hook', 'attention_hook', 'head_dim', 'rotate_half', 'apply_rope',
-           'rope_tables', 'set_rope_scaling', 'token_nll', 'load_sentence_encoder', 'load_spacy', 'causal_lm_loss',
-           'shard_batch', 'train_lm']
+           'capturable_sdpa_mask', 'attention_modules', 'set_attention_hook', 'attention_hook', 'head_dim',
+           'rotate_half', 'apply_rope', 'rope_tables', 'set_rope_scaling', 'token_nll', 'load_sentence_encoder',
+           'load_spacy', 'causal_lm_loss', 'shard_batch', 'train_lm']
 
 # %% ../nbs/02_models.ipynb #efd92556
 EMBEDDED_MODELS = {
@@ -99,7 +99,7 @@ def load_causal_lm(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str 
 
 # %% ../nbs/02_models.ipynb #e73653d0
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTN_IMPL = "longctx"
@@ -132,8 +132,20 @@ def _longctx_attention(module, query, key, value, attention_mask, scaling=None, 
     if hook is None: return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return hook(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
+def capturable_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                         mask_function=causal_mask_function, attention_mask=None, local_size=None, **kwargs):
+    """transformers' `sdpa_mask`, except that a plain causal mask (no padding tensor, no window, q_length == kv_length or 1) is None
+    while a CUDA graph is captured too. Eagerly `sdpa_mask` returns None there (SDPA then runs is_causal, the flash kernel); while
+    capturing it cannot read the padding and materializes [B, 1, q, kv], so a captured forward would time a masked kernel the eager
+    forward never runs. Decided from shapes alone, so eager results are unchanged."""
+    if (attention_mask is None and mask_function is causal_mask_function and local_size is None
+            and kwargs.get("allow_is_causal_skip", True) and (q_length == kv_length or q_length == 1)):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, local_size=local_size, **kwargs)
+
 AttentionInterface.register(ATTN_IMPL, _longctx_attention)
-AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPL, capturable_sdpa_mask)
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     "The self-attention module of each decoder layer, checked to have the supported (Llama) layout."

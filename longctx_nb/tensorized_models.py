@@ -289,8 +289,8 @@ def _check_mask_and_positions(mask, position_ids, Lq: int, S: int):
     a forward gets the same mask and position tensors: they are checked once (the check reads them on the host, a device sync).
     Inside a CUDA-graph capture nothing may be read on the host: the check then requires that the last forward run eagerly had the
     same shapes (the capture repeats that forward on the same inputs: `forward_ms(..., graphs=True)` runs it first) and takes a
-    boolean mask of those shapes on trust (transformers materializes the plain causal mask while capturing, where eagerly it passes
-    None for the same inputs)."""
+    boolean mask of those shapes on trust (the 'longctx' mask function keeps a plain causal mask None while capturing, as eagerly; a
+    mask built by another mask function cannot be read during a capture)."""
     ref = lambda t: None if t is None else weakref.ref(t)
     last = _LAST_CHECK.get("last")
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

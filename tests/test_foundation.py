@@ -1,5 +1,6 @@
 "Bad inputs and behaviour of the shared mechanics (core, data, models)."
-import json, os
+import json, os, time
+from pathlib import Path
 from dataclasses import dataclass
 import numpy as np
 import pandas as pd
@@ -143,6 +144,31 @@ def test_hook_only_on_chosen_layers(tiny_llama):
         set_attention_hook(tiny_llama, spy, layers=[5])
 
 
+def test_capturable_mask_equals_sdpa_mask_eagerly_and_stays_implicit_while_capturing(tiny_llama, monkeypatch):
+    """The 'longctx' mask function is transformers' `sdpa_mask` wherever no graph is captured; while one is (transformers' is_tracing),
+    `sdpa_mask` materializes the plain causal mask and ours keeps it None (SDPA's is_causal), but still builds every padded mask."""
+    import transformers.masking_utils as mu
+    from longctx_nb.models import capturable_sdpa_mask
+    pad = torch.ones(2, 6, dtype=torch.bool); pad[1, :2] = False
+    cases = [dict(q_length=6, kv_length=6), dict(q_length=1, kv_length=9, q_offset=8), dict(q_length=3, kv_length=9, q_offset=6),
+             dict(q_length=6, kv_length=6, attention_mask=pad), dict(q_length=6, kv_length=6, allow_is_causal_skip=False)]
+    def same(a, b): return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    for c in cases:
+        assert same(capturable_sdpa_mask(batch_size=2, **c), mu.sdpa_mask(batch_size=2, **c)), c
+    monkeypatch.setattr(mu, "is_tracing", lambda *a, **k: True)        # what transformers sees while a CUDA graph is captured
+    assert mu.sdpa_mask(batch_size=2, q_length=6, kv_length=6) is not None
+    assert capturable_sdpa_mask(batch_size=2, q_length=6, kv_length=6) is None
+    assert capturable_sdpa_mask(batch_size=2, q_length=1, kv_length=9, q_offset=8) is None
+    for c in cases[2:]:                                                 # a chunk after a cache, padding, no skip asked: built as before
+        got = capturable_sdpa_mask(batch_size=2, **c)
+        assert got is not None and same(got, mu.sdpa_mask(batch_size=2, **c)), c
+    seen = []                                                           # and through a model: the hook gets None under "capture" too
+    def spy(module, q, k, v, mask, **kw):
+        seen.append(mask); return eager_attention(module, q, k, v, mask, **kw)
+    with attention_hook(tiny_llama, spy), torch.no_grad(): tiny_llama(torch.randint(0, 128, (1, 7)))
+    assert seen and all(m is None for m in seen)
+
+
 def test_unsupported_model_layout_is_named():
     with pytest.raises(TypeError, match="supported attention layout"):
         set_attention_hook(torch.nn.Linear(2, 2), eager_attention)
@@ -228,3 +254,25 @@ def test_sentence_encoder_and_spacy_load_offline():
     assert emb.shape == (3, 384) and emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
     doc = load_spacy()("Transformers attend to every token. Long contexts make this quadratic.")
     assert len(list(doc.sents)) == 2 and any(t.pos_ == "VERB" for t in doc)
+
+
+def test_run_notebook_copies_the_executed_notebook_only_beside_a_report_it_wrote(tmp_path, monkeypatch):
+    """A run that writes its report's meta.json gets its executed notebook beside it; a run that writes none there (one part of a
+    preset split into parts) leaves the committed report's notebook as it was."""
+    import papermill
+    from longctx_nb import core
+    nb = tmp_path / "nbs" / "77_demo.ipynb"; nb.parent.mkdir(); nb.write_text("{}")
+    report = tmp_path / "reports" / "77_demo" / "full"; report.mkdir(parents=True)
+    (report / "notebook.ipynb").write_text("the committed run"); (report / "meta.json").write_text("{}")
+    old = time.time() - 3600; os.utime(report / "meta.json", (old, old))
+    writes_report = {"on": False}
+    def fake_execute(src, dst, parameters=None, **kw):
+        Path(dst).write_text(f"executed with {sorted(parameters)}")
+        if writes_report["on"]: (Path(parameters["out_dir"]) / "meta.json").write_text("{}")
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    core.run_notebook(nb, "full", tmp_path / "reports", tmp_path / "work", parameters={"part": "speed"})
+    assert (report / "notebook.ipynb").read_text() == "the committed run"
+    assert (tmp_path / "work" / "77_demo-full.ipynb").read_text().startswith("executed")       # kept where the run put it
+    writes_report["on"] = True
+    core.run_notebook(nb, "full", tmp_path / "reports", tmp_path / "work")
+    assert (report / "notebook.ipynb").read_text().startswith("executed")
