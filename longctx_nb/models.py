@@ -19,9 +19,9 @@ from .data import cache_dir, sha256_file, hub_offline
 # %% auto #0
 __all__ = ['EMBEDDED_MODELS', 'SUPPORTED_ATTENTION', 'ATTN_IMPL', 'ROPE_TYPES', 'embedded_gguf', 'resolve_model_path',
            'load_tokenizer', 'load_causal_lm', 'repeat_kv', 'attention_mask_to_additive', 'eager_attention',
-           'capturable_sdpa_mask', 'attention_modules', 'set_attention_hook', 'attention_hook', 'head_dim',
-           'rotate_half', 'apply_rope', 'rope_tables', 'set_rope_scaling', 'token_nll', 'load_sentence_encoder',
-           'load_spacy', 'causal_lm_loss', 'shard_batch', 'train_lm']
+           'capturable_sdpa_mask', 'rows_unpacked', 'attention_modules', 'set_attention_hook', 'attention_hook',
+           'head_dim', 'rotate_half', 'apply_rope', 'rope_tables', 'set_rope_scaling', 'token_nll',
+           'load_sentence_encoder', 'load_spacy', 'causal_lm_loss', 'shard_batch', 'train_lm']
 
 # %% ../nbs/02_models.ipynb #efd92556
 EMBEDDED_MODELS = {
@@ -143,6 +143,18 @@ def capturable_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offse
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
                      mask_function=mask_function, attention_mask=attention_mask, local_size=local_size, **kwargs)
+
+@contextmanager
+def rows_unpacked():
+    """Inside the block transformers takes each row of a forward without a padding mask or cache as one sequence. Eagerly it reads the
+    position ids to find packed rows (`find_packed_sequence_indices`); while a CUDA graph is captured it cannot, so it assumes packing
+    and builds a full mask even with `capturable_sdpa_mask`. Use it around a capture whose rows are known to be single sequences
+    (the eager forward of the same inputs just ran, positions 0..L-1)."""
+    import transformers.masking_utils as masking_utils
+    saved = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try: yield
+    finally: masking_utils.find_packed_sequence_indices = saved
 
 AttentionInterface.register(ATTN_IMPL, _longctx_attention)
 AttentionMaskInterface.register(ATTN_IMPL, capturable_sdpa_mask)

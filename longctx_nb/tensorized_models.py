@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import *   # first: on a machine without CUDA it sets TRITON_INTERPRET=1 before triton is imported
-from .models import attention_modules, set_attention_hook, repeat_kv, apply_rope, token_nll, SUPPORTED_ATTENTION
+from .models import attention_modules, set_attention_hook, rows_unpacked, repeat_kv, apply_rope, token_nll, SUPPORTED_ATTENTION
 from .tensorized import choose_factorization, fold, unfold, hop_order, tensorized_attention, tensorized_complete_hop, causal_mode, BACKENDS
 
 # %% auto #0
@@ -507,7 +507,7 @@ def forward_ms(model: nn.Module, L: int, batch: int = 1, warmup: int = 1, reps: 
     run = lambda: model.model(input_ids=ids, use_cache=False)
     if not graphs: return benchmark(run, warmup=warmup, reps=reps)["median_ms"]
     # the warm-up compiles the Triton kernels, fills the RoPE-table caches and runs the host-side checks eagerly, before the capture
-    graph = capture_graph(run, dev, warmup=max(2, warmup))
+    with rows_unpacked(): graph = capture_graph(run, dev, warmup=max(2, warmup))    # each row is one sequence (02: no packing guess)
     try: return benchmark(graph.replay, warmup=warmup, reps=reps)["median_ms"]
     finally:
         del graph; torch.cuda.empty_cache()          # the graph's memory pool holds a whole forward's working set

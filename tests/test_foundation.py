@@ -162,11 +162,35 @@ def test_capturable_mask_equals_sdpa_mask_eagerly_and_stays_implicit_while_captu
     for c in cases[2:]:                                                 # a chunk after a cache, padding, no skip asked: built as before
         got = capturable_sdpa_mask(batch_size=2, **c)
         assert got is not None and same(got, mu.sdpa_mask(batch_size=2, **c)), c
-    seen = []                                                           # and through a model: the hook gets None under "capture" too
+    from longctx_nb.models import rows_unpacked
+    def masks(**kw):                                                    # through a model, every layer's hook, under "capture"
+        seen = []
+        def spy(module, q, k, v, mask, **a):
+            seen.append(mask); return eager_attention(module, q, k, v, mask, **a)
+        with attention_hook(tiny_llama, spy), torch.no_grad(): tiny_llama(torch.randint(0, 128, (1, 7)), **kw)
+        assert len(seen) == tiny_llama.config.num_hidden_layers; return seen
+    assert all(m is None for m in masks())                              # with a cache: no packing to guess
+    assert all(m is not None for m in masks(use_cache=False))           # without: transformers assumes packed rows, a full mask
+    with rows_unpacked(): assert all(m is None for m in masks(use_cache=False))
+    assert all(m is not None for m in masks(use_cache=False))           # restored on exit
+
+
+@pytest.mark.gpu
+def test_captured_forward_on_the_longctx_implementation_sees_no_mask_and_equals_eager(tiny_llama):
+    "On CUDA: a CUDA graph of a plain causal forward on 'longctx' inside rows_unpacked gets the mask None (as eagerly); its replay equals eager."
+    from longctx_nb.core import capture_graph
+    from longctx_nb.models import rows_unpacked
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    m = tiny_llama.cuda(); ids = torch.randint(0, 128, (2, 37), device="cuda"); seen, out = [], {}
     def spy(module, q, k, v, mask, **kw):
-        seen.append(mask); return eager_attention(module, q, k, v, mask, **kw)
-    with attention_hook(tiny_llama, spy), torch.no_grad(): tiny_llama(torch.randint(0, 128, (1, 7)))
-    assert seen and all(m is None for m in seen)
+        seen.append(mask is None and torch.cuda.is_current_stream_capturing()); return sdpa_attention_forward(module, q, k, v, mask, **kw)
+    with attention_hook(m, spy), torch.no_grad():
+        eager = m.model(input_ids=ids, use_cache=False).last_hidden_state.clone()
+        step = lambda: out.__setitem__("h", m.model(input_ids=ids, use_cache=False).last_hidden_state)
+        with rows_unpacked(): graph = capture_graph(step, "cuda", warmup=2)
+        graph.replay(); torch.cuda.synchronize()
+    assert seen.count(True) == m.config.num_hidden_layers             # every layer of the captured forward: no mask tensor
+    torch.testing.assert_close(out["h"], eager)
 
 
 def test_unsupported_model_layout_is_named():
