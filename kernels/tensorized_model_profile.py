@@ -64,7 +64,7 @@ def measure(lib, a) -> Measured:
     layout = tm.make_layout(2, length=a.train_len)
     make = {"full": lambda: base, **{m: (lambda m=m: tm.tensorize(base, layout, causal=m)) for m in ("dominance", "complete")}}
     summary, tables = [], {}
-    ctx = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if cuda else contextlib.nullcontext()
+    flash = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if cuda else contextlib.nullcontext()
     for mode in a.modes:
         train_model = make[mode]()
         infer = tm.cast_keep_rope(__import__("copy").deepcopy(train_model), torch.bfloat16 if cuda else torch.float32).eval()
@@ -80,7 +80,7 @@ def measure(lib, a) -> Measured:
                 loss = train_model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward(); train_model.zero_grad(set_to_none=True)
         runs.append((f"train step {a.train_batch}x{a.train_len}", step))
-        with ctx:
+        with flash():
             for what, fn in runs:
                 plain = bench(fn, warmup=2, reps=a.reps)["median_ms"]
                 wall, busy, ops = profiled(fn, a.reps, cuda)
