@@ -113,3 +113,12 @@ def test_tensorized_registers_compiles_the_chosen_backward_configs_for_sm90(tmp_
     table = pd.read_csv(tmp_path / "regs" / "registers.csv")
     assert len(table) == 8 and table.chosen.all() and set(table["mode"]) == {"dominance", "complete"}
     assert (table[table["mode"] == "dominance"].spill_bytes == 0).all() and (table.registers <= 255).all()
+
+
+def test_tensorized_model_profile_tiny_profiles_every_model(tmp_path):
+    "The profile script end to end on a toy model (CPU): a row per model and run, each with a time and its op tables."
+    from kernels import tensorized_model_profile as prof
+    assert prof.main(["--tiny", "--out", str(tmp_path / "r")]) == 0
+    s = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert len(s) == 9 and set(s.model) == {"full", "dominance", "complete"} and (s.ms > 0).all() and (s.launches > 0).all()
+    assert (tmp_path / "r" / "complete_train_2x64_top_host.csv").exists()
