@@ -45,6 +45,28 @@ class Measured:
     claims: object = None          # a core.paper_vs_ours table (the first run's is written)
 
 
+def profiled(fn, reps: int, cuda: bool):
+    """Run `fn` `reps` times under torch.profiler: (wall ms per run, GPU busy ms per run, the per-op table per run: op, calls,
+    host_self_ms, gpu_ms). GPU busy time sums the device events alone (kernels, copies): a CPU op's row also carries its kernels'
+    time, so summing every row would count it twice."""
+    import pandas as pd
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import profile, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(reps): fn()
+        if cuda: torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3 / reps
+    ev = prof.key_averages()
+    dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+    busy = sum(dev_time(e) for e in ev if e.device_type != DeviceType.CPU) / 1e3 / reps
+    ops = pd.DataFrame([dict(op=e.key, calls=e.count / reps, host_self_ms=e.self_cpu_time_total / 1e3 / reps,
+                             gpu_ms=dev_time(e) / 1e3 / reps) for e in ev])
+    return wall, busy, ops
+
+
 class Lib:
     "The package a run measures: `lib.tensorized` imports `<package>.tensorized`; `lib.get(name, *modules)` finds a moved name."
     def __init__(self, package: str = "longctx_nb", label: str | None = None):

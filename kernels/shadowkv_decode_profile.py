@@ -7,12 +7,10 @@ GPU's busy time (sum of its kernel and copy times), and the ops with the most ho
 
 Needs CUDA unless --tiny. Exit status 1 when a decode gives no finite time.
 """
-import contextlib, math, sys, time
-from kernels._lab import lab_main, Measured
+import contextlib, math, sys
+from kernels._lab import lab_main, Measured, profiled
 import pandas as pd
 import torch
-from torch.profiler import profile, ProfilerActivity
-from torch.autograd import DeviceType
 
 NAME = "shadowkv_decode_profile"
 
@@ -20,24 +18,12 @@ NAME = "shadowkv_decode_profile"
 def profile_steps(model, cache, batch, steps):
     "Decode `steps` tokens under the profiler; per-step wall ms, GPU busy ms, and the op tables."
     dev = next(model.parameters()).device
-    cuda = dev.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    toks = torch.randint(model.config.vocab_size, (steps, batch, 1)).to(dev)
-    with profile(activities=acts) as prof:
-        t = time.perf_counter()
-        for i in range(steps):
-            pos = torch.full((batch, 1), cache.get_seq_length(), device=dev)
-            model(input_ids=toks[i], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if cuda: torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) * 1e3 / steps
-    ev = prof.key_averages()
-    dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-    # GPU busy time: the device events themselves (kernels, copies); CPU ops also carry their kernels' time, so summing every
-    # row would count it twice
-    gpu_busy = sum(dev_time(e) for e in ev if e.device_type != DeviceType.CPU) / 1e3 / steps
-    rows = [dict(op=e.key, calls_per_step=e.count / steps, host_self_ms_per_step=e.self_cpu_time_total / 1e3 / steps,
-                 gpu_ms_per_step=dev_time(e) / 1e3 / steps) for e in ev]
-    ops = pd.DataFrame(rows)
+    toks = iter(torch.randint(model.config.vocab_size, (steps, batch, 1)).to(dev))
+    def step():
+        pos = torch.full((batch, 1), cache.get_seq_length(), device=dev)
+        model(input_ids=next(toks), position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    wall, gpu_busy, ops = profiled(step, steps, dev.type == "cuda")
+    ops = ops.rename(columns=dict(calls="calls_per_step", host_self_ms="host_self_ms_per_step", gpu_ms="gpu_ms_per_step"))
     return wall, gpu_busy, ops
 
 

@@ -9,12 +9,10 @@ launches; and the ops with the most GPU time and the most host time.
 
 Needs CUDA unless --tiny. Exit status 1 when a run gives no finite time.
 """
-import contextlib, math, sys, time
-from kernels._lab import lab_main, Measured
+import contextlib, copy, math, sys
+from kernels._lab import lab_main, Measured, profiled
 import pandas as pd
 import torch
-from torch.profiler import profile, ProfilerActivity
-from torch.autograd import DeviceType
 
 NAME = "tensorized_model_profile"
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -22,23 +20,6 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     tie_word_embeddings=True)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16)
-
-
-def profiled(fn, reps: int, cuda: bool):
-    "Run fn `reps` times under the profiler: per-run wall ms, GPU busy ms, and the per-op table (per run)."
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        t = time.perf_counter()
-        for _ in range(reps): fn()
-        if cuda: torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) * 1e3 / reps
-    ev = prof.key_averages()
-    dev_time = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-    # the device events alone (kernels, copies): a CPU op's row also carries its kernels' time, so summing all rows counts it twice
-    busy = sum(dev_time(e) for e in ev if e.device_type != DeviceType.CPU) / 1e3 / reps
-    ops = pd.DataFrame([dict(op=e.key, calls=e.count / reps, host_self_ms=e.self_cpu_time_total / 1e3 / reps,
-                             gpu_ms=dev_time(e) / 1e3 / reps) for e in ev])
-    return wall, busy, ops
 
 
 def add_args(ap):
@@ -67,7 +48,7 @@ def measure(lib, a) -> Measured:
     flash = lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if cuda else contextlib.nullcontext()
     for mode in a.modes:
         train_model = make[mode]()
-        infer = tm.cast_keep_rope(__import__("copy").deepcopy(train_model), torch.bfloat16 if cuda else torch.float32).eval()
+        infer = tm.cast_keep_rope(copy.deepcopy(train_model), torch.bfloat16 if cuda else torch.float32).eval()
         runs = []
         for L in a.lengths:
             ids = torch.randint(0, cfg.vocab_size, (a.batch, L), device=dev)
